@@ -1,0 +1,1 @@
+"""Program layer: the `staticegress` command and its subcommands."""

@@ -1,0 +1,207 @@
+"""The `staticegress` command: one program, one subcommand per role.
+
+Subcommands:
+- `controlplane binaries`: find or build etcd and the Kubernetes control plane;
+- `controlplane up`: run a local control plane in the foreground until Ctrl-C;
+- `demo`: the local demo (control plane, CRD, the seed example, `kubectl get`).
+
+Later roles (`lab`, `agent`, `manager`) join here as further subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from staticegress import __version__
+from staticegress.controlplane.binaries import BinaryNotFoundError, ensure_binaries
+from staticegress.controlplane.cluster import ControlPlane, ControlPlaneError
+from staticegress.k8s import manifests
+from staticegress.k8s.client import api_client
+from staticegress.k8s.crd import install_crd
+
+
+def _say(line: str) -> None:
+    print(f"[staticegress] {line}", file=sys.stderr, flush=True)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _cmd_binaries(args: argparse.Namespace) -> int:
+    found = ensure_binaries(progress=_say)
+    for name, path in vars(found).items():
+        print(f"{name.replace('_', '-'):24} {path}")
+    return 0
+
+
+def _cmd_controlplane_up(args: argparse.Namespace) -> int:
+    found = ensure_binaries(progress=_say)
+    with ControlPlane(binaries=found, bind_address=args.bind_address, progress=_say) as cp:
+        asyncio.run(_install_crd(cp.admin_kubeconfig))
+        out = Path(args.kubeconfig)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cp.admin_kubeconfig, out)
+        out.chmod(0o600)
+        _say(f"admin kubeconfig: {out}")
+        _say(f"try: KUBECONFIG={out} kubectl get staticegressips -A")
+        _say("press Ctrl-C to stop and remove everything")
+        _wait_for_signal()
+    return 0
+
+
+async def _install_crd(kubeconfig: Path) -> None:
+    api = await api_client(kubeconfig)
+    try:
+        await install_crd(api)
+    finally:
+        await api.close()
+    _say("StaticEgressIP CRD installed and Established")
+
+
+def _kubectl(kubectl: Path, kubeconfig: Path, *args: str) -> str:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    proc = subprocess.run(
+        [str(kubectl), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    if proc.returncode != 0:
+        raise ControlPlaneError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    found = ensure_binaries(progress=_say)
+    with ControlPlane(binaries=found, progress=_say) as cp:
+        kubeconfig = cp.admin_kubeconfig
+        asyncio.run(_install_crd(kubeconfig))
+        seed = manifests.deploy_dir() / "examples" / "seed.yaml"
+        print(f"\n$ kubectl apply -f {seed}")
+        print(_kubectl(found.kubectl, kubeconfig, "apply", "-f", str(seed)), end="")
+        print("\n$ kubectl get staticegressips")
+        print(_kubectl(found.kubectl, kubeconfig, "get", "staticegressips"), end="")
+        print("\n$ kubectl get staticegressip frontend -o jsonpath={.spec}")
+        out = _kubectl(
+            found.kubectl,
+            kubeconfig,
+            "get",
+            "staticegressip",
+            "frontend",
+            "-o",
+            "jsonpath={.spec}",
+        )
+        print(out)
+        bad = (
+            "apiVersion: staticegressips.io/v1alpha1\nkind: StaticEgressIP\n"
+            "metadata: {name: typo}\nspec:\n  rules:\n"
+            "  - {egressip: 100.137.146.300, service-name: frontend, cidr: 4.2.2.2/32}\n"
+        )
+        print("\n$ kubectl apply  (egressip: 100.137.146.300, a typo)")
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        rejected = subprocess.run(
+            [str(found.kubectl), "apply", "-f", "-"],
+            input=bad,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        print(rejected.stderr.strip() or rejected.stdout.strip())
+        if args.hold or (args.hold is None and sys.stdin.isatty()):
+            print(
+                f"\nThe control plane stays up. In another shell:\n"
+                f"  export KUBECONFIG={kubeconfig}\n  kubectl get staticegressips\n"
+                f"Press Ctrl-C to stop it and remove everything."
+            )
+            _wait_for_signal()
+    _say("demo finished; control plane stopped and cleaned up")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="staticegress",
+        description="Fixed source IPs for chosen workloads' traffic leaving a Kubernetes cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cp = sub.add_parser("controlplane", help="the local Kubernetes control plane (tests, demo)")
+    cp_sub = cp.add_subparsers(dest="cp_command", required=True, metavar="ACTION")
+    b = cp_sub.add_parser(
+        "binaries",
+        help="find or build etcd, kube-apiserver, kube-controller-manager, kube-scheduler",
+        description="Find each binary (TEST_ASSET_*, KUBEBUILDER_ASSETS, the build cache, "
+        "PATH) or build it from the pinned Go modules into the cache; print the paths.",
+    )
+    b.set_defaults(func=_cmd_binaries)
+    up = cp_sub.add_parser(
+        "up",
+        help="run a control plane in the foreground until Ctrl-C",
+        description="Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler "
+        "on free ports, install the CRD, write an admin kubeconfig, and wait for Ctrl-C.",
+    )
+    up.add_argument("--bind-address", default="127.0.0.1", help="API server address")
+    up.add_argument(
+        "--kubeconfig",
+        default=str(Path.home() / ".kube" / "staticegress.kubeconfig"),
+        help="where to write the admin kubeconfig (default: %(default)s)",
+    )
+    up.set_defaults(func=_cmd_controlplane_up)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the local demo",
+        description="Bring up a local control plane, install the CRD, apply the seed "
+        "example, show `kubectl get staticegressips` and a rejected typo.",
+    )
+    hold = demo.add_mutually_exclusive_group()
+    hold.add_argument(
+        "--hold",
+        dest="hold",
+        action="store_true",
+        default=None,
+        help="keep the control plane up until Ctrl-C (default on a terminal)",
+    )
+    hold.add_argument(
+        "--no-hold",
+        dest="hold",
+        action="store_false",
+        help="stop and clean up as soon as the demo has shown its output",
+    )
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except (BinaryNotFoundError, ControlPlaneError) as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataplane layer: applies rendered state to the kernel (nftables, routes, links)."""

@@ -1,0 +1,1 @@
+"""Kubernetes layer: API clients, CRD installation, reflectors and status writers."""

@@ -1,0 +1,37 @@
+"""Locate and load the project's Kubernetes manifests from `deploy/`.
+
+In a wheel they are packaged as `staticegress/_deploy`; in a source checkout
+(editable install, tests) they are read from the repository's `deploy/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def deploy_dir() -> Path:
+    """The directory holding the project's manifests."""
+    for candidate in (_PACKAGE / "_deploy", _PACKAGE.parent / "deploy"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("staticegress manifests not found (no _deploy/ or deploy/)")
+
+
+CRD_FILE = "crd/staticegressips.io_staticegressips.yaml"
+
+
+def load(relative: str) -> list[dict[str, Any]]:
+    """Every YAML document of `deploy/<relative>`, anchors resolved."""
+    with open(deploy_dir() / relative) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def crd() -> dict[str, Any]:
+    """The StaticEgressIP CustomResourceDefinition."""
+    (doc,) = load(CRD_FILE)
+    return doc

@@ -1,0 +1,1 @@
+"""Model layer: pure computation of desired state from a validated snapshot. No I/O."""

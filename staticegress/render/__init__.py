@@ -1,0 +1,1 @@
+"""Render layer: pure translation of desired state into nftables JSON and netlink specs."""
