@@ -11,7 +11,7 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 # --- system packages -------------------------------------------------------
 # nft/libnftables for the dataplane, iptables for the lab's CNI masquerade,
 # iproute2 for namespaces, tcpdump/conntrack/iperf3 for tests and debugging.
-PKGS=(nftables libnftables1 iptables iproute2 tcpdump conntrack iperf3 openssl ca-certificates)
+PKGS=(nftables libnftables1 iptables iproute2 tcpdump conntrack iperf3 curl iputils-ping openssl ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

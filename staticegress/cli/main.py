@@ -3,9 +3,10 @@
 Subcommands:
 - `controlplane binaries`: find or build etcd and the Kubernetes control plane;
 - `controlplane up`: run a local control plane in the foreground until Ctrl-C;
-- `demo`: the local demo (control plane, CRD, the seed example, `kubectl get`).
+- `lab ...`: the local cluster of network-namespace nodes and pods;
+- `demo`: the local demo, on the lab.
 
-Later roles (`lab`, `agent`, `manager`) join here as further subcommands.
+Later roles (`agent`, `manager`) join here as further subcommands.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from staticegress import __version__
+from staticegress.cli import demo as demo_cli
+from staticegress.cli import lab as lab_cli
 from staticegress.controlplane.binaries import BinaryNotFoundError, ensure_binaries
 from staticegress.controlplane.cluster import ControlPlane, ControlPlaneError
-from staticegress.k8s import manifests
 from staticegress.k8s.client import api_client
 from staticegress.k8s.crd import install_crd
+from staticegress.lab.netns import LabError
+from staticegress.lab.plan import CNIS
 
 
 def _say(line: str) -> None:
@@ -73,64 +75,6 @@ async def _install_crd(kubeconfig: Path) -> None:
     _say("StaticEgressIP CRD installed and Established")
 
 
-def _kubectl(kubectl: Path, kubeconfig: Path, *args: str) -> str:
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    proc = subprocess.run(
-        [str(kubectl), *args], env=env, capture_output=True, text=True, timeout=60
-    )
-    if proc.returncode != 0:
-        raise ControlPlaneError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    found = ensure_binaries(progress=_say)
-    with ControlPlane(binaries=found, progress=_say) as cp:
-        kubeconfig = cp.admin_kubeconfig
-        asyncio.run(_install_crd(kubeconfig))
-        seed = manifests.deploy_dir() / "examples" / "seed.yaml"
-        print(f"\n$ kubectl apply -f {seed}")
-        print(_kubectl(found.kubectl, kubeconfig, "apply", "-f", str(seed)), end="")
-        print("\n$ kubectl get staticegressips")
-        print(_kubectl(found.kubectl, kubeconfig, "get", "staticegressips"), end="")
-        print("\n$ kubectl get staticegressip frontend -o jsonpath={.spec}")
-        out = _kubectl(
-            found.kubectl,
-            kubeconfig,
-            "get",
-            "staticegressip",
-            "frontend",
-            "-o",
-            "jsonpath={.spec}",
-        )
-        print(out)
-        bad = (
-            "apiVersion: staticegressips.io/v1alpha1\nkind: StaticEgressIP\n"
-            "metadata: {name: typo}\nspec:\n  rules:\n"
-            "  - {egressip: 100.137.146.300, service-name: frontend, cidr: 4.2.2.2/32}\n"
-        )
-        print("\n$ kubectl apply  (egressip: 100.137.146.300, a typo)")
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        rejected = subprocess.run(
-            [str(found.kubectl), "apply", "-f", "-"],
-            input=bad,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        print(rejected.stderr.strip() or rejected.stdout.strip())
-        if args.hold or (args.hold is None and sys.stdin.isatty()):
-            print(
-                f"\nThe control plane stays up. In another shell:\n"
-                f"  export KUBECONFIG={kubeconfig}\n  kubectl get staticegressips\n"
-                f"Press Ctrl-C to stop it and remove everything."
-            )
-            _wait_for_signal()
-    _say("demo finished; control plane stopped and cleaned up")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="staticegress",
@@ -165,25 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the local demo",
-        description="Bring up a local control plane, install the CRD, apply the seed "
-        "example, show `kubectl get staticegressips` and a rejected typo.",
+        help="the local demo, on the lab (root)",
+        description="Bring the lab up, run a `frontend` Deployment with a pod per node, show "
+        "the source address the external server sees for each pod, apply the StaticEgressIP "
+        "example and show a typo being refused. The lab stays up unless --down is given.",
     )
-    hold = demo.add_mutually_exclusive_group()
-    hold.add_argument(
-        "--hold",
-        dest="hold",
-        action="store_true",
-        default=None,
-        help="keep the control plane up until Ctrl-C (default on a terminal)",
-    )
-    hold.add_argument(
-        "--no-hold",
-        dest="hold",
-        action="store_false",
-        help="stop and clean up as soon as the demo has shown its output",
-    )
-    demo.set_defaults(func=_cmd_demo)
+    demo.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
+    demo.add_argument("--cni", choices=CNIS, default="host-gw", help="lab pod networking")
+    demo.add_argument("--down", action="store_true", help="take the lab down at the end")
+    demo.set_defaults(func=demo_cli.run)
+    lab_cli.add_parser(sub)
     return parser
 
 
@@ -195,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except (BinaryNotFoundError, ControlPlaneError) as exc:
+    except (BinaryNotFoundError, ControlPlaneError, LabError) as exc:
         _say(f"error: {exc}")
         return 1
     except KeyboardInterrupt:

@@ -133,8 +133,10 @@ def find(component: Component) -> Path | None:
     if component.module_dir is not None:
         path = cached_path(component)
         return path if _executable(path) else None
-    found = shutil.which(component.name) or shutil.which(
-        component.name, path=str(Path(sys.executable).parent)
+    # The wheel's kubectl next to our interpreter matches the API server's
+    # version; a system one found on PATH may be far older.
+    found = shutil.which(component.name, path=str(Path(sys.executable).parent)) or shutil.which(
+        component.name
     )
     return Path(found) if found else None
 

@@ -43,6 +43,10 @@ from staticegress.controlplane.pki import CertificateAuthority, KeyPair, service
 WORKDIR_PREFIX = "staticegress-cp-"
 SERVICE_CIDR = "10.96.0.0/16"
 _PR_SET_PDEATHSIG = 1
+STOP_GRACE = 2.0
+"""Seconds components get to exit on SIGTERM before SIGKILL. kube-apiserver
+drains open watches for up to its request timeout (60 s) on SIGTERM; its state
+is throwaway here, so it is not worth the wait."""
 
 
 def _stderr_progress(line: str) -> None:
@@ -170,8 +174,14 @@ class ControlPlane:
     def start(self) -> None:
         """Start every component and wait until each reports ready."""
         sweep_stale_workdirs(progress=self.progress)
-        self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
-        (self.workdir / "owner.pid").write_text(str(os.getpid()))
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        else:
+            self.workdir.mkdir(mode=0o700, parents=True)
+        if self.die_with_parent:
+            # Only a control plane tied to its owner may be swept when the
+            # owner is gone; a detached one (the lab's) outlives its starter.
+            (self.workdir / "owner.pid").write_text(str(os.getpid()))
         try:
             self._start()
         except BaseException:
@@ -304,7 +314,7 @@ class ControlPlane:
         for proc in reversed(self._procs):
             if proc.popen.poll() is None:
                 proc.popen.terminate()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + STOP_GRACE
         for proc in reversed(self._procs):
             try:
                 proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -315,6 +325,30 @@ class ControlPlane:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    @staticmethod
+    def stop_detached(workdir: Path, *, grace: float = 0.0) -> None:
+        """Stop a control plane started by another process, given its work directory.
+
+        Only processes whose command line names `workdir` are signalled, so a
+        recycled pid is never hit.
+        """
+        pids_file = workdir / "children.pid"
+        pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
+        ours = [p for p in pids if _pid_alive(p) and str(workdir) in _cmdline(p)]
+        for pid in reversed(ours):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + (grace or STOP_GRACE)
+        while time.monotonic() < deadline and any(
+            _pid_alive(p) and str(workdir) in _cmdline(p) for p in ours
+        ):
+            time.sleep(0.1)
+        for pid in ours:
+            if _pid_alive(pid) and str(workdir) in _cmdline(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     def running(self) -> dict[str, bool]:
         """Whether each started component is still running."""

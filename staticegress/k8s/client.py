@@ -18,6 +18,6 @@ REQUEST_TIMEOUT = 15.0
 async def api_client(kubeconfig: Path | None = None) -> client.ApiClient:
     """A client from `kubeconfig`, or from the in-cluster service account when None."""
     if kubeconfig is None:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        config.load_incluster_config()
         return client.ApiClient()
     return await config.new_client_from_config(config_file=str(kubeconfig))

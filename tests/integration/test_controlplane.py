@@ -3,6 +3,7 @@ identities it mints for RBAC tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -60,16 +61,19 @@ def test_stop_leaves_no_process_and_no_directory(binaries: Binaries) -> None:
 def test_crashed_owner_leaves_nothing_behind(binaries: Binaries, tmp_path: Path) -> None:
     # A test run killed with SIGKILL cannot clean up. The kernel must take its
     # components down with it, and the next start must remove its directory.
+    paths = json.dumps({k: str(v) for k, v in vars(binaries).items()})
     script = textwrap.dedent(
         f"""
-        import json, sys, time
+        import json, time
         from pathlib import Path
         from staticegress.controlplane.binaries import Binaries
         from staticegress.controlplane.cluster import ControlPlane
-        b = Binaries(**{{k: Path(v) for k, v in {json.dumps({k: str(v) for k, v in vars(binaries).items()})}.items()}})
+        paths = json.loads({paths!r})
+        b = Binaries(**{{k: Path(v) for k, v in paths.items()}})
         cp = ControlPlane(binaries=b, controllers=False, progress=lambda s: None)
         cp.start()
-        print(json.dumps({{"dir": str(cp.workdir), "pids": [p.popen.pid for p in cp._procs]}}), flush=True)
+        pids = [p.popen.pid for p in cp._procs]
+        print(json.dumps({{"dir": str(cp.workdir), "pids": pids}}), flush=True)
         time.sleep(600)
         """
     )
@@ -133,7 +137,7 @@ async def test_minted_identities_are_subject_to_rbac(
                 except ApiException as exc:
                     if exc.status != 403 or time.monotonic() > deadline:
                         raise
-                    time.sleep(0.2)
+                    await asyncio.sleep(0.2)
             with pytest.raises(ApiException) as err:
                 await client.CoreV1Api(c).list_namespaced_secret(namespace)
             assert err.value.status == 403

@@ -1,0 +1,163 @@
+"""Helpers for tests that run on the lab: bring it up and down through the real
+command line, talk to it with kubectl, run programs in its nodes and pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from staticegress.controlplane.binaries import Binaries
+from staticegress.lab import plan
+
+T = TypeVar("T")
+STATICEGRESS = [sys.executable, "-m", "staticegress"]
+
+
+def require_root() -> None:
+    # Not a skip: a lab test that cannot run is a failure CI must see.
+    if os.geteuid() != 0:
+        raise AssertionError("lab tests create network namespaces and must run as root")
+
+
+def staticegress(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the staticegress command line; raise with its output if it fails."""
+    proc = subprocess.run([*STATICEGRESS, *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"staticegress {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def wait_for(
+    what: str, check: Callable[[], T | None], *, seconds: float = 60, every: float = 0.25
+) -> T:
+    """Poll `check` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + seconds
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (AssertionError, subprocess.SubprocessError, KeyError, ValueError) as exc:
+            last = exc
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what} (last: {last})")
+
+
+@dataclass
+class Lab:
+    """A running lab, as a test sees it."""
+
+    cni: plan.CNI
+    nodes: int
+    kubeconfig: Path
+    binaries: Binaries
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            [str(self.binaries.kubectl), *args],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+    def apply(self, manifest: str) -> None:
+        self.kubectl("apply", "-f", "-", stdin=manifest)
+
+    def exec(
+        self, target: str, *command: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*STATICEGRESS, "lab", "exec", target, "--", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"lab exec {target} {' '.join(command)}: {proc.returncode} {proc.stderr.strip()}"
+            )
+        return proc
+
+    def http_source(self, target: str, server: str = "203.0.113.10", port: int = 80) -> str:
+        """The source address the server at `server` saw for a request from `target`."""
+        out = self.exec(target, "curl", "-s", "-m", "3", f"http://{server}:{port}/").stdout
+        return out.strip()
+
+    def udp_echo(
+        self, target: str, payload: str, server: str = "203.0.113.20", port: int = 9000
+    ) -> str:
+        code = (
+            "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            "s.settimeout(3);s.sendto(sys.argv[3].encode(),(sys.argv[1],int(sys.argv[2])));"
+            "print(s.recvfrom(2048)[0].decode())"
+        )
+        return self.exec(
+            target, sys.executable, "-c", code, server, str(port), payload
+        ).stdout.strip()
+
+    def ready_pods(self, selector: str, count: int) -> list[dict[str, Any]] | None:
+        pods = self.get("pods", "-l", selector)["items"]
+        ready = [
+            p
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+            and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p["status"].get("conditions", [])
+            )
+            and p["status"].get("podIP")
+        ]
+        return ready if len(ready) == count and len(pods) == count else None
+
+
+def spread_deployment(name: str, replicas: int, labels: dict[str, str] | None = None) -> str:
+    """A Deployment whose pods land one per node (a hard topology spread)."""
+    labels = {"app": name, **(labels or {})}
+    label_yaml = "\n".join(f"        {k}: {json.dumps(v)}" for k, v in labels.items())
+    return f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: {name}
+  template:
+    metadata:
+      labels:
+{label_yaml}
+    spec:
+      terminationGracePeriodSeconds: 0
+      topologySpreadConstraints:
+      - maxSkew: 1
+        topologyKey: kubernetes.io/hostname
+        whenUnsatisfiable: DoNotSchedule
+        labelSelector:
+          matchLabels:
+            app: {name}
+      containers:
+      - name: main
+        image: lab.invalid/none:0
+"""

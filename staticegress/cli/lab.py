@@ -1,0 +1,163 @@
+"""`staticegress lab ...`: argument parsing and output for the lab's subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from staticegress.controlplane.binaries import COMPONENTS, find
+from staticegress.lab import lab, plan
+from staticegress.lab.kubelet import run_kubelet
+from staticegress.lab.servers import serve
+
+
+def _say(line: str) -> None:
+    print(f"[lab] {line}", file=sys.stderr, flush=True)
+
+
+def _up(args: argparse.Namespace) -> int:
+    state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say)
+    kubectl = find(next(c for c in COMPONENTS if c.name == "kubectl"))
+    print(lab.describe(state, kubectl))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    lab.down(progress=_say)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    print(lab.status())
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    argv = lab.exec_argv(args.target, command)
+    os.execvp(argv[0], argv)
+
+
+def _node(args: argparse.Namespace) -> int:
+    if args.action == "kill":
+        lab.node_kill(args.name, progress=_say)
+    elif args.action == "restore":
+        lab.node_restore(args.name, progress=_say)
+    else:
+        lab.node_partition(args.name, heal=args.action == "heal", progress=_say)
+    return 0
+
+
+def _kubelet(args: argparse.Namespace) -> int:
+    node = plan.node_by_name(args.node, args.nodes)
+    asyncio.run(
+        run_kubelet(
+            kubeconfig=Path(args.kubeconfig),
+            node=node,
+            cni=args.cni,
+            state_dir=Path(args.state_dir),
+        )
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    asyncio.run(
+        serve(
+            [IPv4Address(a) for a in args.address], http_port=args.http_port, udp_port=args.udp_port
+        )
+    )
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="a local cluster of network-namespace nodes and pods (root, Linux)",
+        description="A small Kubernetes cluster made of network namespaces, driven by a real "
+        "control plane: the local demo and the e2e test bed. Pods are network namespaces; "
+        "no container images are run.",
+    )
+    lsub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+
+    up = lsub.add_parser(
+        "up",
+        help="bring the lab up (idempotent)",
+        description="Build the underlay, the router with the external "
+        "servers, N nodes, the control plane and the lab kubelets; wait until "
+        "every node is Ready. Running it again on a healthy lab changes "
+        "nothing; a broken lab is rebuilt.",
+    )
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
+    up.add_argument(
+        "--cni",
+        choices=plan.CNIS,
+        default="host-gw",
+        help="pod networking: routed over the underlay (host-gw) or a VXLAN "
+        "overlay (vxlan) (default: host-gw)",
+    )
+    up.set_defaults(func=_up)
+
+    lsub.add_parser(
+        "down",
+        help="remove everything the lab made",
+        description="Stop every lab process and the control plane, delete the "
+        "namespaces, links and files.",
+    ).set_defaults(func=_down)
+    lsub.add_parser(
+        "status",
+        help="show nodes, pods and processes",
+        description="Show the lab's nodes, pods and processes.",
+    ).set_defaults(func=_status)
+
+    ex = lsub.add_parser(
+        "exec",
+        help="run a command in a node or a pod",
+        description="Run a command in a node's namespace (NODE) or a pod's "
+        "(NAMESPACE/POD), e.g. `lab exec default/web-1 -- curl -s "
+        "http://203.0.113.10/`.",
+    )
+    ex.add_argument("target", metavar="NODE|NAMESPACE/POD")
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    ex.set_defaults(func=_exec)
+
+    node = lsub.add_parser(
+        "node",
+        help="fail or recover a node",
+        description="kill: the kubelet and every process on the node stop "
+        "and its underlay link goes down. restore: link up, kubelet back. "
+        "partition: underlay link down only, processes keep running. heal: "
+        "link up again.",
+    )
+    node.add_argument("action", choices=["kill", "restore", "partition", "heal"])
+    node.add_argument("name", metavar="NODE")
+    node.set_defaults(func=_node)
+
+    kl = lsub.add_parser(
+        "kubelet",
+        help="(internal) the lab kubelet of one node",
+        description="Run the lab kubelet and CNI for one node; `lab up` starts one per node.",
+    )
+    kl.add_argument("--node", required=True)
+    kl.add_argument("--nodes", type=int, required=True)
+    kl.add_argument("--cni", choices=plan.CNIS, required=True)
+    kl.add_argument("--kubeconfig", required=True)
+    kl.add_argument("--state-dir", required=True)
+    kl.set_defaults(func=_kubelet)
+
+    sv = lsub.add_parser(
+        "serve",
+        help="(internal) the external echo servers",
+        description="Answer HTTP with the client's source address and UDP "
+        "with '<source> <payload>'.",
+    )
+    sv.add_argument("--address", action="append", required=True)
+    sv.add_argument("--http-port", type=int, default=plan.HTTP_PORT)
+    sv.add_argument("--udp-port", type=int, default=plan.UDP_PORT)
+    sv.set_defaults(func=_serve)

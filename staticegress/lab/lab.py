@@ -1,0 +1,656 @@
+"""`staticegress lab`: a small Kubernetes cluster made of network namespaces.
+
+Layout (names and addresses from `staticegress.lab.plan`):
+
+    host ns ── selab-host 198.51.100.2 (API server) ─┐
+    selab-ext  eth0 198.51.100.1, lo 203.0.113.10/.20 ├─ br0 in selab-ul (the underlay)
+    selab-node-i eth0 198.51.100.(10+i) ──────────────┘
+        └─ pods: selab-pod-<uid> eth0 10.244.i.x/32, default via 169.254.1.1
+
+`up` builds the namespaces and links, starts the control plane (detached: it
+outlives the command), one lab kubelet per node and the external servers,
+waits until every node is Ready, and records all of it in
+`/run/staticegress/lab/state.json`. `down` removes everything `up` made; it
+also works from a half-built or crashed lab, because it finds the lab's
+pieces by name, not only through the state file.
+
+Process model: everything long-running is a detached child recorded by pid
+in the state file; a pid is only signalled while its command line still
+names this program (pids get recycled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from staticegress.controlplane.binaries import Binaries, ensure_binaries
+from staticegress.controlplane.cluster import ControlPlane
+from staticegress.k8s.client import REQUEST_TIMEOUT, api_client
+from staticegress.k8s.crd import install_crd
+from staticegress.lab import plan
+from staticegress.lab.kubelet import load_realized
+from staticegress.lab.netns import (
+    LabError,
+    delete_netns,
+    ip_batch,
+    kill_netns_processes,
+    kill_pids,
+    netns_exists,
+    netns_list,
+    pid_alive,
+    run,
+    sysctl,
+)
+
+Progress = Callable[[str], None]
+STATE_FILE = "state.json"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class LabState:
+    """What `lab up` made, for every later lab command."""
+
+    nodes: int
+    cni: plan.CNI
+    server: str
+    admin_kubeconfig: str
+    controlplane_dir: str
+    processes: dict[str, int] = field(default_factory=dict)
+    """Long-running children: `kubelet/<node>`, `servers` -> pid."""
+    killed: list[str] = field(default_factory=list)
+    partitioned: list[str] = field(default_factory=list)
+
+    def node_plans(self) -> tuple[plan.NodePlan, ...]:
+        return plan.node_plans(self.nodes)
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("STATICEGRESS_LAB_DIR", str(plan.STATE_DIR)))
+
+
+def load_state() -> LabState | None:
+    path = state_dir() / STATE_FILE
+    if not path.exists():
+        return None
+    return LabState(**json.loads(path.read_text()))
+
+
+def _save_state(state: LabState) -> None:
+    path = state_dir() / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2))
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Serialize lab commands: two `up`s at once would fight over the same names."""
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f".{d.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def require_root() -> None:
+    if sys.platform != "linux":
+        raise LabError("the lab needs Linux network namespaces")
+    if os.geteuid() != 0:
+        raise LabError("the lab creates network namespaces: run it as root (sudo)")
+    for tool in ("ip", "bridge", "iptables", "sysctl"):
+        if shutil.which(tool) is None:
+            raise LabError(
+                f"{tool} not found: run ./scripts/setup.sh (it installs iproute2, "
+                "iptables) or install it with apt-get"
+            )
+
+
+def _ours(pid: int) -> bool:
+    """True if `pid` is alive and still one of this program's processes."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"staticegress" in cmd
+
+
+def _self_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "staticegress", *args]
+
+
+def _spawn(name: str, argv: list[str]) -> int:
+    logs = state_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name.replace('/', '-')}.log", "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+# --------------------------------------------------------------------- topology
+
+
+def _build_underlay(progress: Progress) -> None:
+    progress(f"underlay: bridge {plan.BRIDGE} in {plan.NS_UNDERLAY}, {plan.UNDERLAY}")
+    run("ip", "netns", "add", plan.NS_UNDERLAY)
+    ip_batch(
+        [
+            "link set lo up",
+            f"link add {plan.BRIDGE} type bridge stp_state 0 mcast_snooping 0",
+            f"link set {plan.BRIDGE} up",
+        ],
+        netns=plan.NS_UNDERLAY,
+    )
+    run(
+        "ip",
+        "link",
+        "add",
+        plan.HOST_LINK,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ul-host",
+        "netns",
+        plan.NS_UNDERLAY,
+    )
+    ip_batch(
+        [
+            f"addr add {plan.HOST_IP}/{plan.UNDERLAY.prefixlen} dev {plan.HOST_LINK}",
+            f"link set {plan.HOST_LINK} up",
+        ]
+    )
+    ip_batch([f"link set ul-host master {plan.BRIDGE} up"], netns=plan.NS_UNDERLAY)
+
+
+def _attach(netns: str, port: str) -> None:
+    run("ip", "netns", "add", netns)
+    run(
+        "ip",
+        "link",
+        "add",
+        port,
+        "netns",
+        plan.NS_UNDERLAY,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        netns,
+    )
+    ip_batch([f"link set {port} master {plan.BRIDGE} up"], netns=plan.NS_UNDERLAY)
+
+
+def _build_external(progress: Progress) -> None:
+    servers = ", ".join(str(s) for s in plan.SERVER_IPS)
+    progress(f"router/external host {plan.NS_EXTERNAL}: {plan.ROUTER_IP}, servers {servers}")
+    _attach(plan.NS_EXTERNAL, "ul-ext")
+    ip_batch(
+        [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add {plan.ROUTER_IP}/{plan.UNDERLAY.prefixlen} dev eth0",
+            *(f"addr add {s}/32 dev lo" for s in plan.SERVER_IPS),
+        ],
+        netns=plan.NS_EXTERNAL,
+    )
+
+
+def _build_node(node: plan.NodePlan, cni: plan.CNI) -> None:
+    _attach(node.netns, node.bridge_port)
+    ip_batch(
+        [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add {node.underlay_ip}/{plan.UNDERLAY.prefixlen} dev eth0",
+            # Pods reach 169.254.1.1 only if the node itself has a route
+            # covering it; the default route through the router does.
+            f"route add default via {plan.ROUTER_IP} dev eth0",
+        ],
+        netns=node.netns,
+    )
+    sysctl(node.netns, "net.ipv4.ip_forward", 1)
+    for scope in ("all", "default", "eth0"):
+        sysctl(node.netns, f"net.ipv4.conf.{scope}.rp_filter", 0)
+    # The masquerade every real CNI installs for pod-to-outside traffic: the
+    # baseline staticegress changes for selected pods.
+    run(
+        "ip",
+        "netns",
+        "exec",
+        node.netns,
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        str(plan.CLUSTER_CIDR),
+        "!",
+        "-d",
+        str(plan.CLUSTER_CIDR),
+        "-m",
+        "comment",
+        "--comment",
+        f"lab cni ({cni}) masquerade",
+        "-j",
+        "MASQUERADE",
+    )
+
+
+# ------------------------------------------------------------------- processes
+
+
+def _start_kubelet(state: LabState, node: plan.NodePlan) -> None:
+    kubeconfig = state_dir() / "kubeconfigs" / f"{node.name}.kubeconfig"
+    state.processes[f"kubelet/{node.name}"] = _spawn(
+        f"kubelet/{node.name}",
+        _self_argv(
+            "lab",
+            "kubelet",
+            "--node",
+            node.name,
+            "--nodes",
+            str(state.nodes),
+            "--cni",
+            state.cni,
+            "--kubeconfig",
+            str(kubeconfig),
+            "--state-dir",
+            str(state_dir()),
+        ),
+    )
+
+
+def _start_servers(state: LabState) -> None:
+    argv = ["ip", "netns", "exec", plan.NS_EXTERNAL, *_self_argv("lab", "serve")]
+    for s in plan.SERVER_IPS:
+        argv += ["--address", str(s)]
+    state.processes["servers"] = _spawn("servers", argv)
+
+
+async def _prepare_cluster(kubeconfig: Path, progress: Progress) -> None:
+    api = await api_client(kubeconfig)
+    try:
+        await install_crd(api)
+        progress("StaticEgressIP CRD installed")
+        rbac = client.RbacAuthorizationV1Api(api)
+        # Kubelets authenticate as system:node:<name> in group system:nodes;
+        # with RBAC alone (no Node authorizer) the group needs this binding.
+        binding = {
+            "metadata": {"name": "staticegress-lab:nodes"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:node",
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}
+            ],
+        }
+        with contextlib.suppress(ApiException):
+            await rbac.create_cluster_role_binding(binding, _request_timeout=REQUEST_TIMEOUT)
+    finally:
+        await api.close()
+
+
+async def _wait_ready(
+    kubeconfig: Path, names: list[str], progress: Progress, wait_seconds: float = 90
+) -> None:
+    """Wait until every node is Ready and schedulable, and pods can be admitted."""
+    api = await api_client(kubeconfig)
+    core = client.CoreV1Api(api)
+    start = time.monotonic()
+    last = ""
+    try:
+        while True:
+            pending = []
+            nodes = {n.metadata.name: n for n in (await core.list_node()).items}
+            for name in names:
+                n = nodes.get(name)
+                ready = n is not None and any(
+                    c.type == "Ready" and c.status == "True" for c in n.status.conditions or []
+                )
+                tainted = n is not None and any(
+                    t.key.startswith("node.kubernetes.io/") for t in n.spec.taints or []
+                )
+                if not ready or tainted:
+                    pending.append(f"{name}({'tainted' if ready else 'not ready'})")
+            try:
+                await core.read_namespaced_service_account("default", "default")
+            except ApiException:
+                pending.append("default service account")
+            if not pending:
+                return
+            note = ", ".join(pending)
+            if note != last:
+                progress(f"  waiting for {note}")
+                last = note
+            if time.monotonic() - start > wait_seconds:
+                raise LabError(f"lab not ready after {wait_seconds:.0f}s: {note}")
+            await asyncio.sleep(0.5)
+    finally:
+        await api.close()
+
+
+# ------------------------------------------------------------------- commands
+
+
+def health(state: LabState) -> list[str]:
+    """What is wrong with a lab that should be up; empty when it is healthy."""
+    problems = []
+    for name, pid in state.processes.items():
+        node = name.split("/", 1)[1] if "/" in name else ""
+        if node in state.killed:
+            continue
+        if not _ours(pid):
+            problems.append(f"{name} (pid {pid}) is not running")
+    cp = Path(state.controlplane_dir)
+    if not cp.is_dir():
+        problems.append("control plane directory is gone")
+    else:
+        pids = [int(pid) for pid in (cp / "children.pid").read_text().split()]
+        if not all(pid_alive(pid) for pid in pids):
+            problems.append("a control-plane component is not running")
+    for p in state.node_plans():
+        if not netns_exists(p.netns):
+            problems.append(f"namespace {p.netns} is missing")
+    return problems
+
+
+def up(
+    *, nodes: int, cni: plan.CNI, progress: Progress, binaries: Binaries | None = None
+) -> LabState:
+    """Bring the lab up, or confirm it is up with the same settings."""
+    require_root()
+    plans = plan.node_plans(nodes)
+    with _locked():
+        existing = load_state()
+        if existing is not None:
+            if (existing.nodes, existing.cni) != (nodes, cni):
+                raise LabError(
+                    f"the lab is already up with --nodes {existing.nodes} --cni {existing.cni}; "
+                    "run `staticegress lab down` first to change them"
+                )
+            problems = health(existing)
+            if not problems:
+                progress("the lab is already up")
+                return existing
+            progress(f"the lab is broken ({'; '.join(problems)}): rebuilding it")
+            _down(progress)
+        elif any(n.startswith(f"{plan.PREFIX}-") for n in netns_list()):
+            progress("removing leftovers of an earlier lab")
+            _down(progress)
+        try:
+            return _up(plans, cni, progress, binaries)
+        except BaseException:
+            progress("lab up failed: removing what was built")
+            _down(_quiet)
+            raise
+
+
+def _up(
+    plans: tuple[plan.NodePlan, ...], cni: plan.CNI, progress: Progress, binaries: Binaries | None
+) -> LabState:
+    t0 = time.monotonic()
+    binaries = binaries or ensure_binaries(progress=progress)
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    _build_underlay(progress)
+    _build_external(progress)
+    progress(f"nodes: {', '.join(p.name for p in plans)} ({cni})")
+    for p in plans:
+        _build_node(p, cni)
+
+    progress(f"control plane on {plan.HOST_IP}")
+    cp = ControlPlane(
+        binaries=binaries,
+        bind_address=str(plan.HOST_IP),
+        die_with_parent=False,
+        workdir=d / "controlplane",
+        progress=progress,
+    )
+    cp.start()
+    admin = d / "admin.kubeconfig"
+    shutil.copyfile(cp.admin_kubeconfig, admin)
+    admin.chmod(0o600)
+    state = LabState(
+        nodes=len(plans),
+        cni=cni,
+        server=cp.server,
+        admin_kubeconfig=str(admin),
+        controlplane_dir=str(cp.workdir),
+    )
+    _save_state(state)
+    asyncio.run(_prepare_cluster(admin, progress))
+
+    kube_dir = d / "kubeconfigs"
+    kube_dir.mkdir(exist_ok=True)
+    for p in plans:
+        minted = cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",))
+        shutil.copyfile(minted, kube_dir / f"{p.name}.kubeconfig")
+        (kube_dir / f"{p.name}.kubeconfig").chmod(0o600)
+    progress("starting the external servers and one lab kubelet per node")
+    _start_servers(state)
+    for p in plans:
+        _start_kubelet(state, p)
+    _save_state(state)
+    asyncio.run(_wait_ready(admin, [p.name for p in plans], progress))
+    progress(f"lab up in {time.monotonic() - t0:.1f}s")
+    return state
+
+
+def down(*, progress: Progress) -> None:
+    """Remove everything the lab made: processes, namespaces, links, files."""
+    require_root()
+    with _locked():
+        _down(progress)
+
+
+def _down(progress: Progress) -> None:
+    state = load_state()
+    if state is not None:
+        ours = [pid for pid in state.processes.values() if _ours(pid)]
+        if ours:
+            progress(f"stopping {len(ours)} lab processes")
+            kill_pids(ours)
+        cp_dir = Path(state.controlplane_dir)
+        if cp_dir.exists():
+            progress("stopping the control plane")
+            ControlPlane.stop_detached(cp_dir)
+    cp_dir = state_dir() / "controlplane"
+    if cp_dir.exists():  # a crash between starting it and saving the state
+        ControlPlane.stop_detached(cp_dir)
+    spaces = [n for n in netns_list() if n.startswith(f"{plan.PREFIX}-")]
+    if spaces:
+        progress(f"deleting {len(spaces)} network namespaces")
+    for name in spaces:
+        # Processes first: a namespace with a live process would linger.
+        kill_netns_processes(name, grace=1.0)
+    for name in spaces:
+        delete_netns(name)
+    run("ip", "link", "delete", plan.HOST_LINK, check=False)
+    if state_dir().exists():
+        shutil.rmtree(state_dir(), ignore_errors=True)
+    lock = state_dir().parent / f".{state_dir().name}.lock"
+    lock.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        state_dir().parent.rmdir()  # only if empty: other users of the parent stay
+    progress("lab down: nothing left")
+
+
+def status() -> str:
+    """A human-readable report: nodes, pods, processes."""
+    state = load_state()
+    if state is None:
+        return "the lab is down (staticegress lab up brings it up)"
+    lines = [
+        f"lab: {state.nodes} nodes, cni {state.cni}, API server {state.server}",
+        f"kubeconfig: {state.admin_kubeconfig}",
+        "",
+        "NODE      UNDERLAY        PODCIDR          STATE        KUBELET",
+    ]
+    for node in state.node_plans():
+        pid = state.processes.get(f"kubelet/{node.name}", 0)
+        cond = (
+            "killed"
+            if node.name in state.killed
+            else "partitioned"
+            if node.name in state.partitioned
+            else "up"
+        )
+        kubelet = f"pid {pid}" if _ours(pid) else "stopped"
+        lines.append(
+            f"{node.name:9} {node.underlay_ip!s:15} {node.pod_cidr!s:16} {cond:12} {kubelet}"
+        )
+    lines += ["", "POD                                      NODE      IP"]
+    for pod in load_realized(state_dir()):
+        lines.append(f"{pod.namespace + '/' + pod.name:40} {pod.node:9} {pod.ip}")
+    lines += ["", "PROCESS                 PID      RUNNING"]
+    for name, pid in sorted(state.processes.items()):
+        lines.append(f"{name:23} {pid:<8} {'yes' if _ours(pid) else 'no'}")
+    cp = Path(state.controlplane_dir) / "children.pid"
+    if cp.exists():
+        names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"]
+        for name, pid_s in zip(names, cp.read_text().split(), strict=False):
+            lines.append(f"{name:23} {pid_s:8} {'yes' if pid_alive(int(pid_s)) else 'no'}")
+    return "\n".join(lines)
+
+
+def _require_state() -> LabState:
+    state = load_state()
+    if state is None:
+        raise LabError("the lab is down: run `staticegress lab up` first")
+    return state
+
+
+def exec_argv(target: str, command: list[str]) -> list[str]:
+    """The argv that runs `command` inside a node (`node-1`) or a pod (`ns/pod`)."""
+    state = _require_state()
+    if not command:
+        raise LabError("nothing to run: lab exec TARGET -- COMMAND [ARGS...]")
+    if "/" in target:
+        namespace, name = target.split("/", 1)
+        for pod in load_realized(state_dir()):
+            if (pod.namespace, pod.name) == (namespace, name):
+                return ["ip", "netns", "exec", pod.netns, *command]
+        raise LabError(f"no pod {target} runs in the lab (see `staticegress lab status`)")
+    try:
+        node = plan.node_by_name(target, state.nodes)
+    except KeyError:
+        raise LabError(f"no node {target} in the lab") from None
+    return ["ip", "netns", "exec", node.netns, *command]
+
+
+def _node_netns_all(state: LabState, node: plan.NodePlan) -> list[str]:
+    return [
+        node.netns,
+        *(p.netns for p in load_realized(state_dir(), node.name) if not p.host_network),
+    ]
+
+
+def _set_cable(node: plan.NodePlan, up_: bool) -> None:
+    run("ip", "-n", plan.NS_UNDERLAY, "link", "set", node.bridge_port, "up" if up_ else "down")
+
+
+def node_kill(name: str, *, progress: Progress) -> None:
+    """Pull the plug: the kubelet and every process on the node stop, its link goes down."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        node = plan.node_by_name(name, state.nodes)
+        pid = state.processes.get(f"kubelet/{name}", 0)
+        if _ours(pid):
+            kill_pids([pid], grace=0)
+        stopped = sum(kill_netns_processes(ns, grace=0) for ns in _node_netns_all(state, node))
+        _set_cable(node, False)
+        if name not in state.killed:
+            state.killed.append(name)
+        _save_state(state)
+        progress(f"{name} killed: kubelet and {stopped} processes stopped, underlay link down")
+
+
+def node_restore(name: str, *, progress: Progress) -> None:
+    """Power a killed node back on: link up, kubelet started again."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        node = plan.node_by_name(name, state.nodes)
+        _set_cable(node, True)
+        if not _ours(state.processes.get(f"kubelet/{name}", 0)):
+            _start_kubelet(state, node)
+        state.killed = [n for n in state.killed if n != name]
+        state.partitioned = [n for n in state.partitioned if n != name]
+        _save_state(state)
+        progress(f"{name} restored")
+
+
+def node_partition(name: str, *, heal: bool, progress: Progress) -> None:
+    """Cut (or reconnect) the node's underlay link; its processes keep running."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        node = plan.node_by_name(name, state.nodes)
+        _set_cable(node, heal)
+        state.partitioned = [n for n in state.partitioned if n != name]
+        if not heal:
+            state.partitioned.append(name)
+        _save_state(state)
+        progress(f"{name} {'healed' if heal else 'partitioned'}")
+
+
+def describe(state: LabState, kubectl: Path | None) -> str:
+    """How to reach the lab, printed at the end of `lab up`."""
+    kc = kubectl or "kubectl"
+    me = shutil.which("staticegress")
+    mine = Path(sys.executable).parent / "staticegress"
+    se = "staticegress" if me and Path(me) == mine else str(mine)
+    return (
+        f"\nThe lab is up: {state.nodes} nodes, cni {state.cni}. Point kubectl at it:\n"
+        f"  export KUBECONFIG={state.admin_kubeconfig}\n"
+        f"  {kc} get nodes -o wide\n"
+        f"Run a command in a node or a pod:\n"
+        f"  {se} lab exec node-1 -- ip route\n"
+        f"  {se} lab exec default/POD -- curl -s http://{plan.SERVER_IPS[0]}/\n"
+        f"  {se} lab status\n"
+        f"Remove everything: {se} lab down\n"
+    )
+
+
+def snapshot_host() -> dict[str, Any]:
+    """What the lab could leave on the host: namespaces, host links, state files."""
+    links = json.loads(run("ip", "-j", "link", "show") or "[]")
+    return {
+        "netns": sorted(netns_list()),
+        "links": sorted(str(link["ifname"]) for link in links),
+        "state": state_dir().exists(),
+    }

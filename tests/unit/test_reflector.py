@@ -1,0 +1,167 @@
+"""The reflector against scripted API responses: list, watch, 410 Gone, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from staticegress.k8s.reflector import Reflector
+
+
+def _pod(name: str, rv: int) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": str(rv)}}
+
+
+def _event(kind: str, obj: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+
+
+class _Content:
+    def __init__(self, lines: list[bytes]) -> None:
+        self._lines = iter(lines)
+
+    async def readline(self) -> bytes:
+        await asyncio.sleep(0)
+        return next(self._lines, b"")
+
+
+class _Response:
+    def __init__(
+        self, *, body: dict[str, Any] | None = None, lines: list[bytes] | None = None
+    ) -> None:
+        self._body = body
+        self.content = _Content(lines or [])
+
+    async def read(self) -> bytes:
+        return json.dumps(self._body).encode()
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class _Script:
+    """A fake list endpoint that answers lists and watches from a script."""
+
+    def __init__(self, steps: list[Any]) -> None:
+        self._steps: Iterator[Any] = iter(steps)
+        self.calls: list[dict[str, Any]] = []
+        self.done = asyncio.Event()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> _Response:
+        self.calls.append(kwargs)
+        try:
+            step = next(self._steps)
+        except StopIteration:
+            self.done.set()
+            await asyncio.Event().wait()  # hang like an idle server until cancelled
+            raise AssertionError("unreachable") from None
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+def _list(rv: int, *pods: dict[str, Any]) -> _Response:
+    return _Response(
+        body={
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(rv)},
+            "items": list(pods),
+        }
+    )
+
+
+async def _run(script: _Script) -> Reflector:
+    changes: list[int] = []
+    r = Reflector(
+        name="test", list_fn=script, on_change=lambda: changes.append(1), max_backoff=0.01
+    )
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert changes, "on_change never called"
+    return r
+
+
+async def test_list_then_watch_applies_events_in_order() -> None:
+    script = _Script(
+        [
+            _list(10, _pod("a", 5), _pod("z", 6)),
+            _Response(
+                lines=[
+                    _event("ADDED", _pod("b", 11)),
+                    _event("MODIFIED", _pod("a", 12)),
+                    _event("DELETED", _pod("b", 13)),
+                    _event("BOOKMARK", {"metadata": {"resourceVersion": "20"}}),
+                ]
+            ),
+        ]
+    )
+    r = await _run(script)
+    assert sorted(r.store) == ["ns/a", "ns/z"]
+    assert r.store["ns/a"]["metadata"]["resourceVersion"] == "12"
+    assert r.store["ns/z"]["kind"] == "Pod"  # restored on listed items
+    assert r.synced.is_set()
+    assert script.calls[1]["resource_version"] == "10"
+    # After the stream ended, the watch resumed from the bookmark without listing.
+    assert script.calls[2]["resource_version"] == "20"
+    assert r.relists == 1
+
+
+async def test_gone_relists_and_replaces_the_store() -> None:
+    gone = {
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "code": 410,
+            "reason": "Expired",
+            "message": "too old resource version",
+        },
+    }
+    script = _Script(
+        [
+            _list(10, _pod("a", 5), _pod("b", 6)),
+            _Response(lines=[json.dumps(gone).encode() + b"\n"]),
+            _list(30, _pod("c", 29)),
+        ]
+    )
+    r = await _run(script)
+    # The relist is the truth: objects deleted while we were away are gone.
+    assert sorted(r.store) == ["ns/c"]
+    assert r.relists == 2
+    assert script.calls[3]["resource_version"] == "30"
+
+
+async def test_errors_back_off_and_keep_the_last_good_store() -> None:
+    script = _Script(
+        [
+            _list(10, _pod("a", 5)),
+            ConnectionResetError("peer went away"),
+            OSError("connection refused"),
+            _list(15, _pod("a", 5), _pod("d", 14)),
+        ]
+    )
+    r = await _run(script)
+    assert sorted(r.store) == ["ns/a", "ns/d"]
+    assert r.synced.is_set()
+
+
+async def test_not_synced_until_a_list_succeeds() -> None:
+    script = _Script([OSError("down"), OSError("still down")])
+    r = Reflector(name="t", list_fn=script, max_backoff=0.01)
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    assert not r.synced.is_set()
+    assert r.store == {}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
