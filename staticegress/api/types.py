@@ -147,3 +147,5 @@ class StaticEgressIP:
     generation: int
     spec: StaticEgressIPSpec
     status: StaticEgressIPStatus = field(default_factory=StaticEgressIPStatus)
+    created: datetime | None = None
+    """creationTimestamp: the older object wins an egress IP both claim."""

@@ -452,4 +452,14 @@ def parse_static_egress_ip(obj: Mapping[str, Any]) -> StaticEgressIP:
         generation=int(meta.get("generation", 0) or 0),
         spec=spec,
         status=parse_status(obj.get("status")),
+        created=_timestamp(meta.get("creationTimestamp")),
     )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None

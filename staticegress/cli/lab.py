@@ -20,7 +20,7 @@ def _say(line: str) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say)
+    state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say, agents=not args.no_agents)
     kubectl = find(next(c for c in COMPONENTS if c.name == "kubectl"))
     print(lab.describe(state, kubectl))
     return 0
@@ -101,6 +101,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="host-gw",
         help="pod networking: routed over the underlay (host-gw) or a VXLAN "
         "overlay (vxlan) (default: host-gw)",
+    )
+    up.add_argument(
+        "--no-agents", action="store_true", help="do not run the staticegress agent on the nodes"
     )
     up.set_defaults(func=_up)
 

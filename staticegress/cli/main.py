@@ -4,9 +4,11 @@ Subcommands:
 - `controlplane binaries`: find or build etcd and the Kubernetes control plane;
 - `controlplane up`: run a local control plane in the foreground until Ctrl-C;
 - `lab ...`: the local cluster of network-namespace nodes and pods;
-- `demo`: the local demo, on the lab.
+- `demo`: the local demo, on the lab;
 
-Later roles (`agent`, `manager`) join here as further subcommands.
+- `agent`: the node agent.
+
+The manager joins here as a further subcommand.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from staticegress import __version__
+from staticegress.cli import agent as agent_cli
 from staticegress.cli import demo as demo_cli
 from staticegress.cli import lab as lab_cli
 from staticegress.controlplane.binaries import BinaryNotFoundError, ensure_binaries
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--down", action="store_true", help="take the lab down at the end")
     demo.set_defaults(func=demo_cli.run)
     lab_cli.add_parser(sub)
+    agent_cli.add_parser(sub)
     return parser
 
 

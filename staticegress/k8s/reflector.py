@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -70,6 +71,8 @@ class Reflector:
         self.relists = 0
         self.connected = False
         """True while a watch stream is open; health checks read it."""
+        self.last_connected = time.monotonic()
+        """When the stream was last known good (monotonic seconds)."""
 
     async def run(self) -> None:
         """List and watch forever; only cancellation stops it."""
@@ -112,6 +115,7 @@ class Reflector:
         self.store = fresh
         self.resource_version = str(body.get("metadata", {}).get("resourceVersion", ""))
         self.relists += 1
+        self.last_connected = time.monotonic()
         self.synced.set()
         self._on_change()
 
@@ -129,7 +133,9 @@ class Reflector:
             )
             self.connected = True
             async for event in stream:
+                self.last_connected = time.monotonic()
                 self._apply(event)
+            self.last_connected = time.monotonic()
         except ApiException as exc:
             if exc.status == 410:
                 raise _GoneError from None

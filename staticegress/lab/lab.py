@@ -42,6 +42,7 @@ from staticegress.controlplane.binaries import Binaries, ensure_binaries
 from staticegress.controlplane.cluster import ControlPlane
 from staticegress.k8s.client import REQUEST_TIMEOUT, api_client
 from staticegress.k8s.crd import install_crd
+from staticegress.k8s.manifests import deploy_dir
 from staticegress.lab import plan
 from staticegress.lab.kubelet import load_realized
 from staticegress.lab.netns import (
@@ -78,6 +79,8 @@ class LabState:
     """Long-running children: `kubelet/<node>`, `servers` -> pid."""
     killed: list[str] = field(default_factory=list)
     partitioned: list[str] = field(default_factory=list)
+    agents: bool = True
+    """Run the staticegress agent on every node, as its DaemonSet would."""
 
     def node_plans(self) -> tuple[plan.NodePlan, ...]:
         return plan.node_plans(self.nodes)
@@ -291,11 +294,49 @@ def _start_kubelet(state: LabState, node: plan.NodePlan) -> None:
     )
 
 
+AGENT_PORT = 9808
+
+
+def _start_agent(state: LabState, node: plan.NodePlan) -> None:
+    """The agent runs inside the node's namespace, as a DaemonSet pod with host
+    network would, and reaches the API server over the underlay."""
+    if not state.agents:
+        return
+    kubeconfig = state_dir() / "kubeconfigs" / "agent.kubeconfig"
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        node.netns,
+        *_self_argv(
+            "agent",
+            "--node",
+            node.name,
+            "--kubeconfig",
+            str(kubeconfig),
+            "--health-port",
+            str(AGENT_PORT),
+        ),
+    ]
+    state.processes[f"agent/{node.name}"] = _spawn(f"agent/{node.name}", argv)
+
+
 def _start_servers(state: LabState) -> None:
     argv = ["ip", "netns", "exec", plan.NS_EXTERNAL, *_self_argv("lab", "serve")]
     for s in plan.SERVER_IPS:
         argv += ["--address", str(s)]
     state.processes["servers"] = _spawn("servers", argv)
+
+
+def _apply_manifest(binaries: Binaries, kubeconfig: Path, relative: str) -> None:
+    run(
+        str(binaries.kubectl),
+        "--kubeconfig",
+        str(kubeconfig),
+        "apply",
+        "-f",
+        str(deploy_dir() / relative),
+    )
 
 
 async def _prepare_cluster(kubeconfig: Path, progress: Progress) -> None:
@@ -388,7 +429,12 @@ def health(state: LabState) -> list[str]:
 
 
 def up(
-    *, nodes: int, cni: plan.CNI, progress: Progress, binaries: Binaries | None = None
+    *,
+    nodes: int,
+    cni: plan.CNI,
+    progress: Progress,
+    binaries: Binaries | None = None,
+    agents: bool = True,
 ) -> LabState:
     """Bring the lab up, or confirm it is up with the same settings."""
     require_root()
@@ -396,9 +442,10 @@ def up(
     with _locked():
         existing = load_state()
         if existing is not None:
-            if (existing.nodes, existing.cni) != (nodes, cni):
+            if (existing.nodes, existing.cni, existing.agents) != (nodes, cni, agents):
                 raise LabError(
-                    f"the lab is already up with --nodes {existing.nodes} --cni {existing.cni}; "
+                    f"the lab is already up with --nodes {existing.nodes} --cni {existing.cni}"
+                    f"{'' if existing.agents else ' --no-agents'}; "
                     "run `staticegress lab down` first to change them"
                 )
             problems = health(existing)
@@ -411,7 +458,7 @@ def up(
             progress("removing leftovers of an earlier lab")
             _down(progress)
         try:
-            return _up(plans, cni, progress, binaries)
+            return _up(plans, cni, progress, binaries, agents)
         except BaseException:
             progress("lab up failed: removing what was built")
             _down(_quiet)
@@ -419,7 +466,11 @@ def up(
 
 
 def _up(
-    plans: tuple[plan.NodePlan, ...], cni: plan.CNI, progress: Progress, binaries: Binaries | None
+    plans: tuple[plan.NodePlan, ...],
+    cni: plan.CNI,
+    progress: Progress,
+    binaries: Binaries | None,
+    agents: bool,
 ) -> LabState:
     t0 = time.monotonic()
     binaries = binaries or ensure_binaries(progress=progress)
@@ -449,12 +500,20 @@ def _up(
         server=cp.server,
         admin_kubeconfig=str(admin),
         controlplane_dir=str(cp.workdir),
+        agents=agents,
     )
     _save_state(state)
     asyncio.run(_prepare_cluster(admin, progress))
 
     kube_dir = d / "kubeconfigs"
     kube_dir.mkdir(exist_ok=True)
+    if state.agents:
+        _apply_manifest(binaries, admin, "rbac/agent.yaml")
+        minted = cp.kubeconfig_for_service_account(
+            "staticegress-system", "staticegress-agent", expiration_seconds=7 * 86400
+        )
+        shutil.copyfile(minted, kube_dir / "agent.kubeconfig")
+        (kube_dir / "agent.kubeconfig").chmod(0o600)
     for p in plans:
         minted = cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",))
         shutil.copyfile(minted, kube_dir / f"{p.name}.kubeconfig")
@@ -465,6 +524,13 @@ def _up(
         _start_kubelet(state, p)
     _save_state(state)
     asyncio.run(_wait_ready(admin, [p.name for p in plans], progress))
+    if state.agents:
+        # After the nodes are Ready, so the CNI's routes exist when each agent
+        # looks at them to choose its transport.
+        progress("starting the staticegress agent on every node")
+        for p in plans:
+            _start_agent(state, p)
+        _save_state(state)
     progress(f"lab up in {time.monotonic() - t0:.1f}s")
     return state
 
@@ -608,6 +674,8 @@ def node_restore(name: str, *, progress: Progress) -> None:
         _set_cable(node, True)
         if not _ours(state.processes.get(f"kubelet/{name}", 0)):
             _start_kubelet(state, node)
+        if not _ours(state.processes.get(f"agent/{name}", 0)):
+            _start_agent(state, node)
         state.killed = [n for n in state.killed if n != name]
         state.partitioned = [n for n in state.partitioned if n != name]
         _save_state(state)

@@ -1,0 +1,136 @@
+"""`staticegress agent`: argument parsing for the node agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from staticegress.agent.agent import Agent, AgentOptions, cleanup
+from staticegress.k8s.client import api_client
+from staticegress.render.nft import MarkLayout
+
+log = logging.getLogger("staticegress.agent")
+
+
+def _int(text: str) -> int:
+    return int(text, 0)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="the node agent (one per node: a DaemonSet)",
+        description="Watch StaticEgressIPs, pods, services and nodes; program this node as a "
+        "director (steer selected pods to their gateway) and as a gateway (own egress IPs "
+        "and SNAT). Leaves the dataplane in place when it stops; --cleanup removes it.",
+    )
+    p.add_argument(
+        "--node", default=os.environ.get("NODE_NAME"), help="this node's name (default: $NODE_NAME)"
+    )
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    p.add_argument(
+        "--transport",
+        choices=["auto", "direct", "vxlan"],
+        default="auto",
+        help="direct: pod IPs are routable between nodes; vxlan: our own tunnel. "
+        "auto picks direct only if every node's pod range is routed via that "
+        "node's address on our uplink (default: auto)",
+    )
+    p.add_argument(
+        "--cluster-cidr",
+        action="append",
+        type=IPv4Network,
+        default=[],
+        metavar="CIDR",
+        help="a range never steered, besides the Nodes' pod ranges "
+        "and addresses (repeatable; needed for CNIs that leave podCIDR empty)",
+    )
+    p.add_argument(
+        "--health-address",
+        help="address for /healthz, /readyz, /metrics (default: the node's InternalIP)",
+    )
+    p.add_argument("--health-port", type=int, default=9808, help="0 disables (default: 9808)")
+    p.add_argument(
+        "--min-sync-interval",
+        type=float,
+        default=0.05,
+        help="seconds between syncs at most (coalescing; default: 0.05)",
+    )
+    p.add_argument(
+        "--resync-interval",
+        type=float,
+        default=60.0,
+        help="seconds between periodic full resyncs (default: 60)",
+    )
+    p.add_argument(
+        "--mark-mask",
+        type=_int,
+        default=0x3F000000,
+        help="packet-mark bits for gateway slots (default: 0x3f000000)",
+    )
+    p.add_argument(
+        "--return-mark",
+        type=_int,
+        default=0x40000000,
+        help="packet-mark bit for replies through the tunnel (default: 0x40000000)",
+    )
+    p.add_argument("--table-base", type=int, default=7300, help="first routing table we use")
+    p.add_argument("--rule-priority", type=int, default=100, help="priority of our ip rules")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove every rule, route, address and link we own, then exit",
+    )
+    p.add_argument("--uplink", help="with --cleanup: the interface egress IPs were added to")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.cleanup:
+        errors = asyncio.run(cleanup(netns=None, uplink=args.uplink))
+        for e in errors:
+            log.error("cleanup: %s", e)
+        log.info("cleanup done%s", f" with {len(errors)} errors" if errors else "")
+        return 1 if errors else 0
+    if not args.node:
+        print("staticegress agent: --node or $NODE_NAME is required", file=sys.stderr)
+        return 2
+    if args.mark_mask & args.return_mark:
+        print("staticegress agent: --mark-mask and --return-mark overlap", file=sys.stderr)
+        return 2
+    opts = AgentOptions(
+        node=args.node,
+        transport=args.transport,
+        cluster_cidrs=tuple(args.cluster_cidr),
+        health_address=args.health_address,
+        health_port=args.health_port,
+        min_sync_interval=args.min_sync_interval,
+        resync_interval=args.resync_interval,
+        marks=MarkLayout(slot_mask=args.mark_mask, return_bit=args.return_mark),
+        table_base=args.table_base,
+        rule_priority=args.rule_priority,
+    )
+    return asyncio.run(_main(opts, Path(args.kubeconfig) if args.kubeconfig else None))
+
+
+async def _main(opts: AgentOptions, kubeconfig: Path | None) -> int:
+    api = await api_client(kubeconfig)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await Agent(api, opts).run()
+    except asyncio.CancelledError:
+        # Deliberately no cleanup: the dataplane stays as it is (see the agent module).
+        log.info("node=%s agent stopping; dataplane left in place", opts.node)
+    finally:
+        await api.close()
+    return 0

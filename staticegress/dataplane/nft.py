@@ -1,0 +1,53 @@
+"""Apply rendered nftables batches through libnftables' JSON interface.
+
+One applier per process: libnftables is blocking, so it runs on one
+dedicated worker thread (optionally inside a named network namespace, for
+tests), and two batches never interleave. A batch is one kernel
+transaction: when it fails, the previous table stays as it was and the error
+text says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from staticegress.dataplane.netns import NetnsRunner
+
+log = logging.getLogger(__name__)
+
+
+class NftError(RuntimeError):
+    """The kernel or libnftables refused a batch; nothing was changed."""
+
+
+class NftApplier:
+    """Send JSON batches to libnftables, one at a time."""
+
+    def __init__(self, runner: NetnsRunner | None = None) -> None:
+        import nftables  # needs Debian's libnftables1; imported here, not at module load
+
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._runner = runner or NetnsRunner()
+
+    def _run(self, batch: dict[str, Any]) -> Any:
+        rc, out, err = self._nft.json_cmd(batch)
+        if rc != 0:
+            raise NftError(str(err).strip() or f"libnftables returned {rc}")
+        return out
+
+    async def apply(self, batch: dict[str, Any]) -> None:
+        """Run one batch as one transaction."""
+        await self._runner.run(lambda: self._run(batch))
+
+    async def list_table(self, family: str, name: str) -> dict[str, Any] | None:
+        """The table as libnftables JSON, or None if it does not exist."""
+        cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
+        try:
+            out = await self._runner.run(lambda: self._run(cmd))
+        except NftError:
+            return None
+        result: dict[str, Any] = json.loads(out) if isinstance(out, str) else out
+        return result

@@ -1,0 +1,375 @@
+"""render_ruleset: a DesiredState as one private nftables table, in libnftables JSON. Pure.
+
+The batch deletes and recreates `table ip staticegress` in one transaction
+(add, delete, add, contents): no packet ever sees a half-built table, and a
+batch the kernel refuses leaves the previous table untouched. The table
+grows with rules and gateways, never with the product of pods and rules: pods
+are elements of per-rule maps.
+
+The table, as nft prints it (rule K stands for each rule in global order):
+
+    table ip staticegress {
+      set cluster_ranges        { type ipv4_addr; flags interval }  # never steered
+      set ruleK_destinations    { type ipv4_addr; flags interval }
+      set ruleK_excluded        { type ipv4_addr; flags interval }
+      map ruleK_steer           { type ipv4_addr : verdict }   # local pod -> goto/accept/drop
+      map ruleK_snat            { type ipv4_addr : ipv4_addr } # pod -> egress IP we own
+      set remote_selected_pods  { type ipv4_addr }
+
+      chain steer_to_gateway_S {          # one per remote gateway slot S
+        meta mark set meta mark & ~SLOTS | S << SHIFT
+      }
+      chain prerouting {                  # after kube-proxy's DNAT: services are resolved
+        type filter hook prerouting priority dstnat + 10; policy accept;
+        ip daddr @ruleK_destinations ip daddr != @cluster_ranges
+          ip daddr != @ruleK_excluded ip saddr vmap @ruleK_steer
+        ct direction reply ct mark & RETURN == RETURN meta mark set meta mark | RETURN  # vxlan
+      }
+      chain forward {                     # vxlan: fit TCP into the tunnel's MTU
+        type filter hook forward priority mangle; policy accept;
+        oifname "segress0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu
+      }
+      chain postrouting {                 # just before the CNI's masquerade (srcnat)
+        type nat hook postrouting priority srcnat - 1; policy accept;
+        meta mark & SLOTS != 0 snat ip to ip saddr     # director: keep the pod IP
+        ip daddr @ruleK_destinations ip daddr != @cluster_ranges ip daddr != @ruleK_excluded
+          ip saddr @ruleK_snat ct mark set ct mark | RETURN snat ip to ip saddr map @ruleK_snat
+        iifname "segress0" fib saddr type != local drop  # tunnel traffic we did not SNAT
+        ip saddr @remote_selected_pods ip daddr != @cluster_ranges drop
+      }
+    }
+
+Why each piece:
+- the identity SNAT at srcnat-1 binds the connection's NAT before the CNI's
+  MASQUERADE at srcnat can rewrite the pod IP; `accept` would not stop a
+  later nat chain;
+- marks use a field of our own (`MarkLayout`) and keep every other bit, so
+  kube-proxy's and the CNI's marks survive;
+- the guards make a gateway that is not (or no longer) responsible for a pod
+  drop its traffic instead of forwarding it, where the CNI's masquerade would
+  send it out with this node's IP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from staticegress.model.desired import DesiredState, RuleProgram, Steer
+
+TABLE = "staticegress"
+FAMILY = "ip"
+TUNNEL = "segress0"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MarkLayout:
+    """Which packet-mark bits are ours: a gateway slot field and a return bit."""
+
+    slot_mask: int = 0x3F000000
+    return_bit: int = 0x40000000
+
+    @property
+    def shift(self) -> int:
+        return (self.slot_mask & -self.slot_mask).bit_length() - 1
+
+    @property
+    def max_slots(self) -> int:
+        return self.slot_mask >> self.shift
+
+    def slot_mark(self, slot: int) -> int:
+        if not 1 <= slot <= self.max_slots:
+            raise ValueError(f"slot {slot} outside 1..{self.max_slots}")
+        return slot << self.shift
+
+
+DEFAULT_MARKS = MarkLayout()
+
+
+def _elem(net: IPv4Network) -> Any:
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _field(name: str) -> Json:
+    return {"payload": {"protocol": "ip", "field": name}}
+
+
+def _in_set(field: str, name: str, *, negate: bool = False) -> Json:
+    return {"match": {"op": "!=" if negate else "==", "left": _field(field), "right": f"@{name}"}}
+
+
+def _mark_and(mask: int) -> Json:
+    return {"&": [{"meta": {"key": "mark"}}, mask]}
+
+
+def _set(name: str, comment: str, elems: list[Any], *, interval: bool) -> Json:
+    body: Json = {
+        "family": FAMILY,
+        "table": TABLE,
+        "name": name,
+        "type": "ipv4_addr",
+        "comment": comment[:128],
+    }
+    if interval:
+        body["flags"] = ["interval"]
+    if elems:
+        body["elem"] = elems
+    return {"add": {"set": body}}
+
+
+def _map(name: str, comment: str, value_type: str, elems: list[Any]) -> Json:
+    body: Json = {
+        "family": FAMILY,
+        "table": TABLE,
+        "name": name,
+        "type": "ipv4_addr",
+        "map": value_type,
+        "comment": comment[:128],
+    }
+    if elems:
+        body["elem"] = elems
+    return {"add": {"map": body}}
+
+
+def _chain(name: str, **hook: Any) -> Json:
+    return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, **hook}}}
+
+
+def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
+    body: Json = {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(expr)}
+    if comment:
+        body["comment"] = comment[:128]
+    return {"add": {"rule": body}}
+
+
+def _verdict(target: Steer) -> Json:
+    if target == "drop":
+        return {"drop": None}
+    if target == "local":
+        # The gateway is this node: no steering; postrouting SNATs it here.
+        return {"accept": None}
+    return {"goto": {"target": f"steer_to_gateway_{target}"}}
+
+
+def _dest_matches(k: int, rule: RuleProgram) -> list[Json]:
+    out = [
+        _in_set("daddr", f"rule{k}_destinations"),
+        _in_set("daddr", "cluster_ranges", negate=True),
+    ]
+    if rule.excluded:
+        out.append(_in_set("daddr", f"rule{k}_excluded", negate=True))
+    return out
+
+
+def render_ruleset(
+    desired: DesiredState, *, transport: str, marks: MarkLayout = DEFAULT_MARKS
+) -> Json:
+    """The whole table as one libnftables JSON batch."""
+    table = {"family": FAMILY, "name": TABLE}
+    cmds: list[Json] = [
+        {"metainfo": {"json_schema_version": 1}},
+        # add + delete + add: deleting a table that does not exist would fail
+        # the batch; adding it first makes the delete always valid.
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": {**table, "comment": "staticegress: owned by the staticegress agent"}}},
+        _set(
+            "cluster_ranges",
+            "pod, node and configured cluster ranges: never steered",
+            [_elem(n) for n in desired.cluster],
+            interval=True,
+        ),
+        _set(
+            "remote_selected_pods",
+            "selected pods on other nodes",
+            [str(a) for a in desired.remote_pods],
+            interval=False,
+        ),
+    ]
+    # Verdict-map elements jump to these chains, so they must exist before the maps.
+    for gw in desired.gateways:
+        name = f"steer_to_gateway_{gw.slot}"
+        cmds.append(_chain(name))
+        value = {"|": [_mark_and(0xFFFFFFFF & ~marks.slot_mask), marks.slot_mark(gw.slot)]}
+        cmds.append(
+            _rule(
+                name,
+                {"mangle": {"key": {"meta": {"key": "mark"}}, "value": value}},
+                comment=f"gateway {gw.node} {gw.ip}",
+            )
+        )
+
+    rules_pre: list[Json] = []
+    rules_post: list[Json] = []
+    for k, rule in enumerate(desired.rules):
+        if not rule.steer and not rule.snat:
+            continue
+        label = f"{rule.ref} rule {rule.index}"
+        cmds.append(
+            _set(
+                f"rule{k}_destinations",
+                f"{label}: destinations",
+                [_elem(n) for n in rule.destinations],
+                interval=True,
+            )
+        )
+        if rule.excluded:
+            cmds.append(
+                _set(
+                    f"rule{k}_excluded",
+                    f"{label}: excluded",
+                    [_elem(n) for n in rule.excluded],
+                    interval=True,
+                )
+            )
+        if rule.steer:
+            cmds.append(
+                _map(
+                    f"rule{k}_steer",
+                    f"{label}: local pods",
+                    "verdict",
+                    [[str(ip), _verdict(t)] for ip, t in rule.steer],
+                )
+            )
+            rules_pre.append(
+                _rule(
+                    "prerouting",
+                    *_dest_matches(k, rule),
+                    {"vmap": {"key": _field("saddr"), "data": f"@rule{k}_steer"}},
+                    comment=label,
+                )
+            )
+        if rule.snat:
+            cmds.append(
+                _map(
+                    f"rule{k}_snat",
+                    f"{label}: pods whose egress IP we own",
+                    "ipv4_addr",
+                    [[str(p), str(e)] for p, e in rule.snat],
+                )
+            )
+            rules_post.append(
+                _rule(
+                    "postrouting",
+                    *_dest_matches(k, rule),
+                    _in_set("saddr", f"rule{k}_snat"),
+                    {
+                        "mangle": {
+                            "key": {"ct": {"key": "mark"}},
+                            "value": {"|": [{"ct": {"key": "mark"}}, marks.return_bit]},
+                        }
+                    },
+                    {"snat": {"addr": {"map": {"key": _field("saddr"), "data": f"@rule{k}_snat"}}}},
+                    comment=label,
+                )
+            )
+
+    cmds.append(_chain("prerouting", type="filter", hook="prerouting", prio=-90, policy="accept"))
+    cmds += rules_pre
+    if transport == "vxlan":
+        ret = marks.return_bit
+        cmds.append(
+            _rule(
+                "prerouting",
+                {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}},
+                {
+                    "match": {
+                        "op": "==",
+                        "left": {"&": [{"ct": {"key": "mark"}}, ret]},
+                        "right": ret,
+                    }
+                },
+                {
+                    "mangle": {
+                        "key": {"meta": {"key": "mark"}},
+                        "value": {"|": [{"meta": {"key": "mark"}}, ret]},
+                    }
+                },
+                comment="replies to what we SNATed go back through the tunnel",
+            )
+        )
+        cmds.append(_chain("forward", type="filter", hook="forward", prio=-150, policy="accept"))
+        cmds.append(
+            _rule(
+                "forward",
+                {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": TUNNEL}},
+                {
+                    "match": {
+                        "op": "==",
+                        "left": {
+                            "&": [
+                                {"payload": {"protocol": "tcp", "field": "flags"}},
+                                ["syn", "rst"],
+                            ]
+                        },
+                        "right": "syn",
+                    }
+                },
+                {
+                    "mangle": {
+                        "key": {"tcp option": {"name": "maxseg", "field": "size"}},
+                        "value": {"rt": {"key": "mtu"}},
+                    }
+                },
+                comment="clamp MSS to the tunnel MTU",
+            )
+        )
+
+    cmds.append(_chain("postrouting", type="nat", hook="postrouting", prio=99, policy="accept"))
+    cmds.append(
+        _rule(
+            "postrouting",
+            {"match": {"op": "!=", "left": _mark_and(marks.slot_mask), "right": 0}},
+            {"snat": {"addr": _field("saddr")}},
+            comment="steered: keep the pod IP past the CNI masquerade",
+        )
+    )
+    cmds += rules_post
+    if transport == "vxlan":
+        cmds.append(
+            _rule(
+                "postrouting",
+                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": TUNNEL}},
+                # The tunnel's own outer packets also show the tunnel as their
+                # input device here; they come from a local address.
+                {
+                    "match": {
+                        "op": "!=",
+                        "left": {"fib": {"result": "type", "flags": ["saddr"]}},
+                        "right": "local",
+                    }
+                },
+                {"counter": None},
+                {"drop": None},
+                comment="tunnel traffic this node does not SNAT",
+            )
+        )
+    if desired.remote_pods:
+        cmds.append(
+            _rule(
+                "postrouting",
+                _in_set("saddr", "remote_selected_pods"),
+                _in_set("daddr", "cluster_ranges", negate=True),
+                {"counter": None},
+                {"drop": None},
+                comment="a remote selected pod this node does not SNAT",
+            )
+        )
+    return {"nftables": cmds}
+
+
+def delete_table_batch() -> Json:
+    """Remove our table, whether or not it exists."""
+    table = {"family": FAMILY, "name": TABLE}
+    return {"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]}
+
+
+def vtep_mac(ip: IPv4Address) -> str:
+    """The tunnel MAC of the node at `ip`: derived, so no node needs to publish it.
+    0x0e marks a locally administered unicast address."""
+    return "0e:e9:" + ":".join(f"{b:02x}" for b in ip.packed)
