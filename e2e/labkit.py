@@ -130,9 +130,12 @@ class Lab:
         return ready if len(ready) == count and len(pods) == count else None
 
 
-def spread_deployment(name: str, replicas: int, labels: dict[str, str] | None = None) -> str:
-    """A Deployment whose pods land one per node (a hard topology spread)."""
+def spread_deployment(
+    name: str, replicas: int, labels: dict[str, str] | None = None, node: str | None = None
+) -> str:
+    """A Deployment whose pods land one per node (a hard topology spread), or all on `node`."""
     labels = {"app": name, **(labels or {})}
+    pin = f"\n      nodeSelector:\n        kubernetes.io/hostname: {node}" if node else ""
     label_yaml = "\n".join(f"        {k}: {json.dumps(v)}" for k, v in labels.items())
     return f"""
 apiVersion: apps/v1
@@ -149,7 +152,7 @@ spec:
       labels:
 {label_yaml}
     spec:
-      terminationGracePeriodSeconds: 0
+      terminationGracePeriodSeconds: 0{pin}
       topologySpreadConstraints:
       - maxSkew: 1
         topologyKey: kubernetes.io/hostname

@@ -56,7 +56,10 @@ def test_up_is_idempotent_and_down_leaves_nothing(cni: plan.CNI, binaries: Binar
         during = _host_snapshot()
         made = set(during["netns"]) - set(before["netns"])  # type: ignore[call-overload]
         assert {n for n in made if n.startswith(plan.PREFIX)} == {
-            "selab-ul", "selab-ext", "selab-node-1", "selab-node-2"
+            "selab-ul",
+            "selab-ext",
+            "selab-node-1",
+            "selab-node-2",
         }
         again = staticegress("lab", "up", "--nodes", "2", "--cni", cni)
         assert "already up" in again.stderr

@@ -46,7 +46,7 @@ from staticegress.dataplane.nft import NftApplier, NftError
 from staticegress.dataplane.transport import detect_transport
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
-from staticegress.k8s.snapshot import Invalid, build_snapshot
+from staticegress.k8s.snapshot import Invalid, ParseCache, build_snapshot
 from staticegress.model.desired import AgentConfig, DesiredState, Snapshot, compute_desired
 from staticegress.render.netlink import RoutingConfig, render_netlink
 from staticegress.render.nft import TUNNEL, MarkLayout, delete_table_batch, render_ruleset
@@ -140,6 +140,7 @@ class Agent:
         self._reported_invalid: set[tuple[str, int]] = set()
         self._announcing: set[asyncio.Task[None]] = set()
         self.last_compute_seconds = 0.0
+        self.parse_cache = ParseCache()
 
     # ----------------------------------------------------------------- main
 
@@ -199,6 +200,7 @@ class Agent:
     def compute(self) -> tuple[DesiredState, list[Invalid], Snapshot]:
         stores = {k: r.store for k, r in self.reflectors.items()}
         snap, invalid = build_snapshot(
+            cache=self.parse_cache,
             policies=stores["staticegressips"],
             pods=stores["pods"],
             nodes=stores["nodes"],

@@ -1,9 +1,11 @@
 """`staticegress demo`: the local demo, on the lab.
 
-It brings the lab up, runs a `frontend` Deployment with one pod per node
-behind a Service, shows each pod reaching the external server and the source
-address the server saw, then applies the original StaticEgressIP example and
-shows the API server refusing a typo. The lab stays up afterwards for the
+It brings the lab up (an agent on every node), runs `frontend` and `backend`
+Deployments with one pod per node, shows the source address the external
+servers see for each pod, applies the original StaticEgressIP example (with
+lab addresses) and shows the sources again: frontend pods now leave with the
+egress IP from every node, backend pods and other destinations are untouched.
+Finally the API server refuses a typo. The lab stays up afterwards for the
 user to explore, unless `--down` is given.
 """
 
@@ -23,18 +25,18 @@ from staticegress.k8s import manifests
 from staticegress.lab import lab, plan
 from staticegress.lab.netns import LabError
 
-FRONTEND = """
+WORKLOADS = """
 apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: frontend
+  name: {app}
 spec:
   replicas: {replicas}
   selector:
-    matchLabels: {{app: frontend}}
+    matchLabels: {{app: {app}}}
   template:
     metadata:
-      labels: {{app: frontend}}
+      labels: {{app: {app}}}
     spec:
       terminationGracePeriodSeconds: 0
       topologySpreadConstraints:
@@ -42,17 +44,17 @@ spec:
         topologyKey: kubernetes.io/hostname
         whenUnsatisfiable: DoNotSchedule
         labelSelector:
-          matchLabels: {{app: frontend}}
+          matchLabels: {{app: {app}}}
       containers:
       - name: main
-        image: lab.invalid/frontend:0
+        image: lab.invalid/{app}:0
 ---
 apiVersion: v1
 kind: Service
 metadata:
-  name: frontend
+  name: {app}
 spec:
-  selector: {{app: frontend}}
+  selector: {{app: {app}}}
   ports:
   - port: 80
 """
@@ -94,10 +96,10 @@ class _Kubectl:
         print(self(*args, stdin=stdin, check=check).rstrip())
 
 
-def _ready_pods(kubectl: _Kubectl, count: int) -> list[dict[str, Any]]:
+def _ready_pods(kubectl: _Kubectl, app: str, count: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 90
     while True:
-        pods = json.loads(kubectl("get", "pods", "-l", "app=frontend", "-o", "json"))["items"]
+        pods = json.loads(kubectl("get", "pods", "-l", f"app={app}", "-o", "json"))["items"]
         ready = [
             p
             for p in pods
@@ -110,8 +112,20 @@ def _ready_pods(kubectl: _Kubectl, count: int) -> list[dict[str, Any]]:
         if len(ready) == count == len(pods):
             return sorted(ready, key=lambda p: p["spec"]["nodeName"])
         if time.monotonic() > deadline:
-            raise LabError(f"frontend pods not Ready after 90s ({len(ready)}/{count})")
+            raise LabError(f"{app} pods not Ready after 90s ({len(ready)}/{count})")
         time.sleep(0.5)
+
+
+def _show_sources(title: str, pods: list[dict[str, Any]], nodes: int) -> None:
+    print(f"\n{title}")
+    for pod in pods:
+        node = plan.node_by_name(pod["spec"]["nodeName"], nodes)
+        seen = [_seen_by_server(pod, str(server)) for server in plan.SERVER_IPS]
+        print(
+            f"  {pod['metadata']['labels']['app']:9} {pod['status']['podIP']:11} on {node.name} "
+            f"({node.underlay_ip}): {plan.SERVER_IPS[0]} saw {seen[0]:15} "
+            f"{plan.SERVER_IPS[1]} saw {seen[1]}"
+        )
 
 
 def _seen_by_server(pod: dict[str, Any], server: str) -> str:
@@ -125,29 +139,50 @@ def run(args: argparse.Namespace) -> int:
     binaries = ensure_binaries(progress=_say)
     state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say, binaries=binaries)
     kubectl = _Kubectl(binaries.kubectl, state.admin_kubeconfig)
-    kubectl("apply", "-f", "-", stdin=FRONTEND.format(replicas=state.nodes))
+    for app in ("frontend", "backend"):
+        kubectl("apply", "-f", "-", stdin=WORKLOADS.format(app=app, replicas=state.nodes))
     kubectl.show("get", "nodes", "-o", "wide")
-    pods = _ready_pods(kubectl, state.nodes)
+    pods = _ready_pods(kubectl, "frontend", state.nodes) + _ready_pods(
+        kubectl, "backend", state.nodes
+    )
     kubectl.show("get", "pods", "-o", "wide")
-    kubectl.show("get", "endpointslices", "-l", "kubernetes.io/service-name=frontend")
-
-    server = str(plan.SERVER_IPS[0])
-    print(f"\nEach pod asks the external server http://{server}/ which source it saw:")
-    for pod in pods:
-        node = plan.node_by_name(pod["spec"]["nodeName"], state.nodes)
-        seen = _seen_by_server(pod, server)
-        print(
-            f"  {pod['metadata']['name']:28} pod {pod['status']['podIP']:12} on {node.name} "
-            f"({node.underlay_ip}) -> server saw {seen}"
-        )
-    print(
-        "Without staticegress every pod leaves masqueraded as its node, so the source "
-        "depends on where the pod was scheduled."
+    _show_sources(
+        "Before: every pod leaves masqueraded as its node, whatever it is:", pods, state.nodes
     )
 
-    seed = manifests.deploy_dir() / "examples" / "seed.yaml"
-    kubectl.show("apply", "-f", str(seed))
+    example = manifests.deploy_dir() / "examples" / "lab.yaml"
+    print("\nThe original example, with lab addresses: the pods behind Service frontend")
+    print(f"reach {plan.SERVER_IPS[0]} with the source 198.51.100.200.")
+    kubectl.show("apply", "-f", str(example))
+    # The gateway manager (the next piece of the project) will choose the
+    # gateway; until it exists, the demo writes that choice on the status.
+    gateway = plan.node_plans(state.nodes)[min(1, state.nodes - 1)].name
+    print(f"\n(no manager yet: the demo names {gateway} as the gateway on the status)")
+    kubectl(
+        "patch",
+        "staticegressip",
+        "frontend",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(
+            {
+                "status": {
+                    "egressIPs": [{"egressIP": "198.51.100.200", "gateway": gateway}],
+                    "summary": {"egressIPs": "198.51.100.200", "gateways": gateway},
+                }
+            }
+        ),
+    )
     kubectl.show("get", "staticegressips")
+    time.sleep(1.0)  # the agents apply a change within a fraction of a second
+    _show_sources(
+        f"After: frontend pods reach {plan.SERVER_IPS[0]} as 198.51.100.200 from every node; "
+        f"backend pods and other destinations are untouched:",
+        pods,
+        state.nodes,
+    )
+
     print("\nA typo in the egress IP is refused by the API server:")
     kubectl.show("apply", "-f", "-", stdin=TYPO, check=False)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from staticegress.controlplane.binaries import COMPONENTS, find
 from staticegress.lab import lab, plan
 from staticegress.lab.kubelet import run_kubelet
+from staticegress.lab.probe import run_probe
 from staticegress.lab.servers import serve
 
 
@@ -51,6 +52,39 @@ def _node(args: argparse.Namespace) -> int:
         lab.node_restore(args.name, progress=_say)
     else:
         lab.node_partition(args.name, heal=args.action == "heal", progress=_say)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    inner = [
+        sys.executable,
+        "-m",
+        "staticegress",
+        "lab",
+        "probe-run",
+        "--server",
+        args.server,
+        "--port",
+        str(args.port),
+        "--interval",
+        str(args.interval),
+        "--duration",
+        str(args.duration),
+    ]
+    argv = lab.exec_argv(args.target, inner)
+    os.execvp(argv[0], argv)
+
+
+def _probe_run(args: argparse.Namespace) -> int:
+    res = run_probe(
+        server=args.server, port=args.port, interval=args.interval, duration=args.duration
+    )
+    print(res.to_json())
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    lab.agent_control(args.name, start=args.action == "start", kill=args.kill, progress=_say)
     return 0
 
 
@@ -141,6 +175,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     node.add_argument("action", choices=["kill", "restore", "partition", "heal"])
     node.add_argument("name", metavar="NODE")
     node.set_defaults(func=_node)
+
+    pr = lsub.add_parser(
+        "probe",
+        help="probe an external server from a pod over UDP",
+        description="Send a numbered datagram every INTERVAL seconds from "
+        "the pod to the server for DURATION seconds; print a JSON summary: "
+        "sent, received, lost, the source addresses the server saw, and the "
+        "longest run of losses.",
+    )
+    pr.add_argument("target", metavar="NODE|NAMESPACE/POD")
+    pr.add_argument("--server", default=str(plan.SERVER_IPS[0]))
+    pr.add_argument("--port", type=int, default=plan.UDP_PORT)
+    pr.add_argument("--interval", type=float, default=0.01)
+    pr.add_argument("--duration", type=float, default=5.0)
+    pr.set_defaults(func=_probe)
+    prr = lsub.add_parser("probe-run", help="(internal) the prober, inside the pod")
+    prr.add_argument("--server", required=True)
+    prr.add_argument("--port", type=int, required=True)
+    prr.add_argument("--interval", type=float, required=True)
+    prr.add_argument("--duration", type=float, required=True)
+    prr.set_defaults(func=_probe_run)
+
+    ag = lsub.add_parser(
+        "agent",
+        help="stop or start the staticegress agent of a node",
+        description="stop: end the node's agent (SIGTERM, or SIGKILL with "
+        "--kill), leaving its dataplane in place; start: run it again.",
+    )
+    ag.add_argument("action", choices=["start", "stop"])
+    ag.add_argument("name", metavar="NODE")
+    ag.add_argument("--kill", action="store_true", help="stop with SIGKILL, as a crash would")
+    ag.set_defaults(func=_agent)
 
     kl = lsub.add_parser(
         "kubelet",

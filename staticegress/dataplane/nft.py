@@ -26,14 +26,21 @@ class NftApplier:
     """Send JSON batches to libnftables, one at a time."""
 
     def __init__(self, runner: NetnsRunner | None = None) -> None:
-        import nftables  # needs Debian's libnftables1; imported here, not at module load
-
-        self._nft = nftables.Nftables()
-        self._nft.set_json_output(True)
         self._runner = runner or NetnsRunner()
+        self._nft: Any = None
+
+    def _ctx(self) -> Any:
+        # libnftables opens its netlink socket when the context is created, so
+        # the context must be made on the runner's thread, inside its namespace.
+        if self._nft is None:
+            import nftables  # needs Debian's libnftables1
+
+            self._nft = nftables.Nftables()
+            self._nft.set_json_output(True)
+        return self._nft
 
     def _run(self, batch: dict[str, Any]) -> Any:
-        rc, out, err = self._nft.json_cmd(batch)
+        rc, out, err = self._ctx().json_cmd(batch)
         if rc != 0:
             raise NftError(str(err).strip() or f"libnftables returned {rc}")
         return out

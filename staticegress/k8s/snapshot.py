@@ -7,7 +7,7 @@ rules); what does not parse is left out and reported, never passed on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,37 @@ class Invalid:
     error: str
 
 
-def _parsed(store: Store, parse: Any) -> tuple[Any, ...]:
-    return tuple(sorted(x for x in (parse(obj) for obj in store.values()) if x is not None))
+class ParseCache:
+    """Parsed objects by (key, resourceVersion): a resync re-parses only what changed.
+
+    The API server gives every change a new resourceVersion, so an entry can
+    never be stale; entries for objects no longer in the store are dropped on
+    each build.
+    """
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, dict[tuple[str, str], Any]] = {}
+
+    def parse_all(self, kind: str, store: Store, parse: Callable[[Any], Any]) -> list[Any]:
+        old = self._kinds.get(kind, {})
+        new: dict[tuple[str, str], Any] = {}
+        out = []
+        for key, obj in store.items():
+            rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+            ck = (key, rv)
+            value = old[ck] if rv and ck in old else parse(obj)
+            new[ck] = value
+            out.append(value)
+        self._kinds[kind] = new
+        return out
+
+
+def _parse_policy(obj: Mapping[str, Any]) -> Any:
+    try:
+        return parse_static_egress_ip(obj)
+    except InvalidSpecError as exc:
+        meta = obj.get("metadata") or {}
+        return Invalid(exc.ref, int(meta.get("generation") or 0), str(exc))
 
 
 def build_snapshot(
@@ -45,26 +74,26 @@ def build_snapshot(
     services: Store,
     namespaces: Store,
     slices: Store,
+    cache: ParseCache | None = None,
 ) -> tuple[Snapshot, list[Invalid]]:
-    valid = []
-    invalid: list[Invalid] = []
-    for obj in policies.values():
-        try:
-            valid.append(parse_static_egress_ip(obj))
-        except InvalidSpecError as exc:
-            meta = obj.get("metadata") or {}
-            invalid.append(Invalid(exc.ref, int(meta.get("generation") or 0), str(exc)))
+    cache = cache or ParseCache()
+
+    def parsed(kind: str, store: Store, parse: Callable[[Any], Any]) -> tuple[Any, ...]:
+        return tuple(sorted(x for x in cache.parse_all(kind, store, parse) if x is not None))
+
+    results = cache.parse_all("policies", policies, _parse_policy)
+    valid = [r for r in results if not isinstance(r, Invalid)]
+    invalid = [r for r in results if isinstance(r, Invalid)]
     endpoints: dict[tuple[str, str], set[Any]] = {}
-    for obj in slices.values():
-        parsed = endpoint_slice_addresses(obj)
-        if parsed is not None:
-            endpoints.setdefault(parsed[0], set()).update(parsed[1])
+    for parsed_slice in cache.parse_all("slices", slices, endpoint_slice_addresses):
+        if parsed_slice is not None:
+            endpoints.setdefault(parsed_slice[0], set()).update(parsed_slice[1])
     snap = Snapshot(
         policies=tuple(sorted(valid, key=lambda p: p.ref)),
-        pods=_parsed(pods, parse_pod),
-        nodes=_parsed(nodes, parse_node),
-        services=_parsed(services, parse_service),
-        namespaces=_parsed(namespaces, parse_namespace),
+        pods=parsed("pods", pods, parse_pod),
+        nodes=parsed("nodes", nodes, parse_node),
+        services=parsed("services", services, parse_service),
+        namespaces=parsed("namespaces", namespaces, parse_namespace),
         endpoints=tuple(sorted((k, tuple(sorted(v))) for k, v in endpoints.items())),
     )
     return snap, sorted(invalid, key=lambda i: i.ref)

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -80,7 +81,8 @@ class LabState:
     killed: list[str] = field(default_factory=list)
     partitioned: list[str] = field(default_factory=list)
     agents: bool = True
-    """Run the staticegress agent on every node, as its DaemonSet would."""
+    """`lab up` started the staticegress agent on every node, as its DaemonSet would;
+    without it, `lab agent start NODE` starts them one by one."""
 
     def node_plans(self) -> tuple[plan.NodePlan, ...]:
         return plan.node_plans(self.nodes)
@@ -300,8 +302,6 @@ AGENT_PORT = 9808
 def _start_agent(state: LabState, node: plan.NodePlan) -> None:
     """The agent runs inside the node's namespace, as a DaemonSet pod with host
     network would, and reaches the API server over the underlay."""
-    if not state.agents:
-        return
     kubeconfig = state_dir() / "kubeconfigs" / "agent.kubeconfig"
     argv = [
         "ip",
@@ -507,13 +507,13 @@ def _up(
 
     kube_dir = d / "kubeconfigs"
     kube_dir.mkdir(exist_ok=True)
-    if state.agents:
-        _apply_manifest(binaries, admin, "rbac/agent.yaml")
-        minted = cp.kubeconfig_for_service_account(
-            "staticegress-system", "staticegress-agent", expiration_seconds=7 * 86400
-        )
-        shutil.copyfile(minted, kube_dir / "agent.kubeconfig")
-        (kube_dir / "agent.kubeconfig").chmod(0o600)
+    # The agents' identity exists even when they start later (`lab agent start`).
+    _apply_manifest(binaries, admin, "rbac/agent.yaml")
+    minted = cp.kubeconfig_for_service_account(
+        "staticegress-system", "staticegress-agent", expiration_seconds=7 * 86400
+    )
+    shutil.copyfile(minted, kube_dir / "agent.kubeconfig")
+    (kube_dir / "agent.kubeconfig").chmod(0o600)
     for p in plans:
         minted = cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",))
         shutil.copyfile(minted, kube_dir / f"{p.name}.kubeconfig")
@@ -674,12 +674,36 @@ def node_restore(name: str, *, progress: Progress) -> None:
         _set_cable(node, True)
         if not _ours(state.processes.get(f"kubelet/{name}", 0)):
             _start_kubelet(state, node)
-        if not _ours(state.processes.get(f"agent/{name}", 0)):
+        if f"agent/{name}" in state.processes and not _ours(state.processes[f"agent/{name}"]):
             _start_agent(state, node)
         state.killed = [n for n in state.killed if n != name]
         state.partitioned = [n for n in state.partitioned if n != name]
         _save_state(state)
         progress(f"{name} restored")
+
+
+def agent_control(name: str, *, start: bool, kill: bool, progress: Progress) -> None:
+    """Stop (SIGTERM, or SIGKILL like a crash) or start one node's agent."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        node = plan.node_by_name(name, state.nodes)
+        key = f"agent/{name}"
+        pid = state.processes.get(key, 0)
+        if start:
+            if _ours(pid):
+                progress(f"the agent of {name} is already running (pid {pid})")
+                return
+            _start_agent(state, node)
+            progress(f"agent of {name} started (pid {state.processes[key]})")
+        else:
+            if _ours(pid):
+                if kill:
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    kill_pids([pid])
+            progress(f"agent of {name} stopped{' with SIGKILL' if kill else ''}")
+        _save_state(state)
 
 
 def node_partition(name: str, *, heal: bool, progress: Progress) -> None:

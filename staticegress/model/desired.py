@@ -31,7 +31,14 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Literal
 
 from staticegress.api.core import Namespace, Node, Pod, Service
-from staticegress.api.types import EgressIPRef, EgressRule, IPAddress, NodeName, StaticEgressIP
+from staticegress.api.types import (
+    EgressIPRef,
+    EgressRule,
+    IPAddress,
+    LabelSelector,
+    NodeName,
+    StaticEgressIP,
+)
 
 Transport = Literal["direct", "vxlan"]
 Steer = int | Literal["local", "drop"]
@@ -119,6 +126,15 @@ class DesiredState:
     """vxlan transport: SNATed pod IP -> its director's underlay IP, for replies."""
     peers: tuple[tuple[NodeName, IPv4Address], ...] = ()
     """vxlan transport: nodes this one exchanges tunnel traffic with."""
+    local_pod_ranges: tuple[IPv4Network, ...] = ()
+    """This node's pod ranges (from its Node object)."""
+    known_local_pods: tuple[IPv4Address, ...] = ()
+    """Every pod IP on this node that the agent knows, selected or not."""
+    held_destinations: tuple[IPv4Network, ...] = ()
+    """All rules' destinations: traffic from a local pod IP the agent does not
+    know yet, towards these, is held (dropped) until the agent has seen the pod.
+    This closes the window in which a brand-new selected pod could leave with
+    the node IP before its first sync."""
     problems: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
@@ -143,12 +159,39 @@ def stable_bucket(pod: IPv4Address, buckets: int) -> int:
     return zlib.crc32(pod.packed) % buckets
 
 
+class _PodIndex:
+    """Pods by namespace and by (namespace, label, value): selecting with matchLabels
+    starts from the smallest posting list instead of every pod, which keeps a
+    resync linear in pods + rules rather than their product."""
+
+    def __init__(self, pods: Iterable[Pod]) -> None:
+        self.by_ns: dict[str, list[Pod]] = defaultdict(list)
+        self.by_label: dict[tuple[str, str, str], list[Pod]] = defaultdict(list)
+        self.by_ip: dict[IPv4Address, Pod] = {}
+        for p in pods:
+            self.by_ns[p.namespace].append(p)
+            for k, v in p.labels:
+                self.by_label[(p.namespace, k, v)].append(p)
+            if p.ip is not None:
+                self.by_ip[p.ip] = p
+
+    def select(
+        self, namespace: str, match: tuple[tuple[str, str], ...], sel: LabelSelector | None
+    ) -> list[Pod]:
+        """Pods of `namespace` whose labels include `match` and satisfy `sel.matches`."""
+        if match:
+            lists = [self.by_label.get((namespace, k, v), []) for k, v in match]
+            candidates = min(lists, key=len)
+        else:
+            candidates = self.by_ns.get(namespace, [])
+        return [p for p in candidates if sel is None or sel.matches(p.label_map)]
+
+
 def _select(
     policy: StaticEgressIP,
     rule: EgressRule,
     *,
-    pods_by_ns: Mapping[str, list[Pod]],
-    pods_by_ip: Mapping[IPv4Address, Pod],
+    index: _PodIndex,
     services: Mapping[tuple[str, str], Service],
     namespaces: Mapping[str, Namespace],
     endpoints: Mapping[tuple[str, str], tuple[IPv4Address, ...]],
@@ -159,23 +202,18 @@ def _select(
         if svc is None:
             return []
         if svc.selector is None:
-            return [pods_by_ip[a] for a in endpoints.get((ns, svc.name), ()) if a in pods_by_ip]
-        want = dict(svc.selector)
-        return [
-            p
-            for p in pods_by_ns.get(ns, [])
-            if all(p.label_map.get(k) == v for k, v in want.items())
-        ]
+            return [index.by_ip[a] for a in endpoints.get((ns, svc.name), ()) if a in index.by_ip]
+        return index.select(ns, svc.selector, LabelSelector(match_labels=svc.selector))
     if rule.namespace_selector is None:
         chosen = [ns]
     else:
-        sel = rule.namespace_selector
-        chosen = sorted(n.name for n in namespaces.values() if sel.matches(dict(n.labels)))
+        nsel = rule.namespace_selector
+        chosen = sorted(n.name for n in namespaces.values() if nsel.matches(dict(n.labels)))
+    psel = rule.pod_selector
+    match = psel.match_labels if psel is not None else ()
     out: list[Pod] = []
     for name in chosen:
-        for p in pods_by_ns.get(name, []):
-            if rule.pod_selector is None or rule.pod_selector.matches(p.label_map):
-                out.append(p)
+        out += index.select(name, match, psel)
     return out
 
 
@@ -206,12 +244,7 @@ def compute_desired(
     me = config.node
     nodes = {n.name: n for n in snapshot.nodes}
     pods = sorted(p for p in snapshot.pods if p.ip is not None and not p.host_network)
-    pods_by_ns: dict[str, list[Pod]] = defaultdict(list)
-    pods_by_ip: dict[IPv4Address, Pod] = {}
-    for p in pods:
-        pods_by_ns[p.namespace].append(p)
-        assert p.ip is not None
-        pods_by_ip[p.ip] = p
+    index = _PodIndex(pods)
     services = {(s.namespace, s.name): s for s in snapshot.services}
     namespaces = {n.name: n for n in snapshot.namespaces}
     endpoints = dict(snapshot.endpoints)
@@ -258,8 +291,7 @@ def compute_desired(
             selected = _select(
                 pol,
                 rule,
-                pods_by_ns=pods_by_ns,
-                pods_by_ip=pods_by_ip,
+                index=index,
                 services=services,
                 namespaces=namespaces,
                 endpoints=endpoints,
@@ -346,7 +378,14 @@ def compute_desired(
         if (ip := nodes[g].internal_ip) is not None
     )
     transport_vxlan = config.transport == "vxlan"
+    own_node = nodes.get(me)
+    all_dests = [n for r in programs for n in r.destinations] if programs else []
     return DesiredState(
+        local_pod_ranges=own_node.pod_cidrs if own_node is not None and all_dests else (),
+        known_local_pods=tuple(sorted(p.ip for p in pods if p.node == me and p.ip is not None))
+        if all_dests
+        else (),
+        held_destinations=tuple(collapse_addresses(all_dests)),
         rules=tuple(programs),
         gateways=gateways,
         owned=tuple(

@@ -36,6 +36,7 @@ MAIN_TABLE = 254
 VXLAN_ID = 4097
 VXLAN_PORT = 4790
 VXLAN_OVERHEAD = 50
+TUNNEL_ADDRESS = IPv4Address("169.254.77.77")
 
 
 @dataclass(frozen=True, order=True)
@@ -79,7 +80,7 @@ class TunnelSpec:
     mac: str
     mtu: int
     underlay: str
-    address: IPv4Address = IPv4Address("169.254.77.77")
+    address: IPv4Address = TUNNEL_ADDRESS
     """A link-scoped address on the tunnel: without any address, the kernel's
     reverse-path filter rejects every packet arriving on it, even in loose mode."""
 

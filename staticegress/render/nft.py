@@ -21,6 +21,8 @@ The table, as nft prints it (rule K stands for each rule in global order):
       }
       chain prerouting {                  # after kube-proxy's DNAT: services are resolved
         type filter hook prerouting priority dstnat + 10; policy accept;
+        ip saddr @local_pod_ranges ip saddr != @known_local_pods
+          ip daddr @held_destinations ip daddr != @cluster_ranges drop   # not seen yet: hold
         ip daddr @ruleK_destinations ip daddr != @cluster_ranges
           ip daddr != @ruleK_excluded ip saddr vmap @ruleK_steer
         ct direction reply ct mark & RETURN == RETURN meta mark set meta mark | RETURN  # vxlan
@@ -270,6 +272,37 @@ def render_ruleset(
             )
 
     cmds.append(_chain("prerouting", type="filter", hook="prerouting", prio=-90, policy="accept"))
+    if desired.local_pod_ranges and desired.held_destinations:
+        cmds += [
+            _set(
+                "local_pod_ranges",
+                "this node's pod ranges",
+                [_elem(n) for n in desired.local_pod_ranges],
+                interval=True,
+            ),
+            _set(
+                "known_local_pods",
+                "every local pod the agent has seen",
+                [str(a) for a in desired.known_local_pods],
+                interval=False,
+            ),
+            _set(
+                "held_destinations",
+                "destinations of all rules",
+                [_elem(n) for n in desired.held_destinations],
+                interval=True,
+            ),
+            _rule(
+                "prerouting",
+                _in_set("saddr", "local_pod_ranges"),
+                _in_set("saddr", "known_local_pods", negate=True),
+                _in_set("daddr", "held_destinations"),
+                _in_set("daddr", "cluster_ranges", negate=True),
+                {"counter": None},
+                {"drop": None},
+                comment="a pod the agent has not seen yet: hold it until it is known",
+            ),
+        ]
     cmds += rules_pre
     if transport == "vxlan":
         ret = marks.return_bit

@@ -1,0 +1,78 @@
+"""Build model snapshots from compact YAML scenarios (tests/cases/model/*.yaml).
+
+The compact form is expanded into the raw objects the API server would send,
+so the parsing edge (`build_snapshot`) is exercised too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from staticegress.api.types import NodeName
+from staticegress.k8s.snapshot import build_snapshot
+from staticegress.model.desired import AgentConfig, Snapshot
+
+CASES = Path(__file__).parent / "cases" / "model"
+
+
+def _node(n: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "Node",
+        "metadata": {"name": n["name"], "labels": n.get("labels", {})},
+        "spec": {"podCIDR": n.get("podCIDR")},
+        "status": {"addresses": [{"type": "InternalIP", "address": n["ip"]}]},
+    }
+
+
+def _pod(p: dict[str, Any]) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Running"}
+    if p.get("ip"):
+        status.update(podIP=p["ip"], podIPs=[{"ip": p["ip"]}])
+    return {
+        "kind": "Pod",
+        "metadata": {"namespace": p["namespace"], "name": p["name"], "labels": p.get("labels", {})},
+        "spec": {"nodeName": p.get("node"), "hostNetwork": p.get("hostNetwork", False)},
+        "status": status,
+    }
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((CASES / f"{name}.yaml").read_text())
+    return data
+
+
+def snapshot(data: dict[str, Any]) -> Snapshot:
+    policies = {}
+    for obj in data.get("staticegressips", []):
+        obj = {
+            "apiVersion": "staticegressips.io/v1alpha1",
+            "kind": "StaticEgressIP",
+            "metadata": {"generation": 1, **obj["metadata"]},
+            **{k: v for k, v in obj.items() if k != "metadata"},
+        }
+        policies[f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"] = obj
+    snap, invalid = build_snapshot(
+        policies=policies,
+        pods={str(i): _pod(p) for i, p in enumerate(data.get("pods", []))},
+        nodes={n["name"]: _node(n) for n in data.get("nodes", [])},
+        services={
+            f"{s['namespace']}/{s['name']}": {
+                "metadata": {"namespace": s["namespace"], "name": s["name"]},
+                "spec": {"selector": s.get("selector")},
+            }
+            for s in data.get("services", [])
+        },
+        namespaces={
+            n["name"]: {"metadata": {"name": n["name"], "labels": n.get("labels", {})}}
+            for n in data.get("namespaces", [])
+        },
+        slices={},
+    )
+    assert not invalid, invalid
+    return snap
+
+
+def config(data: dict[str, Any], transport: str = "direct") -> AgentConfig:
+    return AgentConfig(node=NodeName(data["node"]), transport=transport)  # type: ignore[arg-type]
