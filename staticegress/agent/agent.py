@@ -24,6 +24,7 @@ everything is a deliberate act: `staticegress agent --cleanup`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
 from staticegress.agent.sync import SyncRunner, TemporaryError
 from staticegress.api.core import parse_node
-from staticegress.api.types import EgressIPRef, NodeName
+from staticegress.api.types import EgressIPRef, IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
+from staticegress.dataplane.conntrack import flush_pods
+from staticegress.dataplane.heartbeat import Prober
 from staticegress.dataplane.host import Uplink, announce, find_uplink, prepare_sysctls
 from staticegress.dataplane.netlink import NetlinkApplier
 from staticegress.dataplane.netns import NetnsRunner
@@ -73,6 +76,11 @@ class AgentOptions:
     rule_priority: int = 100
     netns: str | None = None
     """Drive this named network namespace from outside (tests); None: our own."""
+    fence_after: float = 1.0
+    """Withdraw owned egress IPs after this long without an answer from any peer
+    (0 disables fencing)."""
+    rejoin_after: float = 3.0
+    peer_interval: float = 0.2
 
 
 class Agent:
@@ -121,6 +129,8 @@ class Agent:
             ("rules_programmed", "gauge", "Rules with at least one pod programmed here."),
             ("egress_ips_owned", "gauge", "Egress IPs this node holds."),
             ("problems", "gauge", "StaticEgressIP problems this node cannot program."),
+            ("fences_total", "counter", "Times this node withdrew its egress IPs, cut off."),
+            ("fenced", "gauge", "1 while this node withholds its egress IPs."),
             (
                 "last_successful_sync_timestamp_seconds",
                 "gauge",
@@ -141,6 +151,12 @@ class Agent:
         self._announcing: set[asyncio.Task[None]] = set()
         self.last_compute_seconds = 0.0
         self.parse_cache = ParseCache()
+        self.withheld: frozenset[IPAddress] = frozenset()
+        self.prober = Prober(interval=opts.peer_interval, down_after=3, up_after=2)
+        self._fenced_at: float | None = None
+        self._heard_since: float | None = None
+        self._probing_since: float | None = None
+        self._relists_at_heal = 0
 
     # ----------------------------------------------------------------- main
 
@@ -151,6 +167,9 @@ class Agent:
             await self._wait_synced()
             await self._discover()
             tg.create_task(self.runner.run(), name="sync")
+            if self.opts.fence_after > 0:
+                tg.create_task(self.prober.run(), name="peer-prober")
+                tg.create_task(self._fence_loop(), name="fence")
             if self.opts.health_port:
                 host = self.opts.health_address or str(self.node_ip)
                 await serve_health(
@@ -214,7 +233,8 @@ class Agent:
             cluster_cidrs=self.opts.cluster_cidrs,
             max_slots=self.opts.marks.max_slots,
         )
-        return compute_desired(snap, config, previous_slots=self.slots), invalid, snap
+        desired = compute_desired(snap, config, previous_slots=self.slots, withheld=self.withheld)
+        return desired, invalid, snap
 
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()) or self.uplink is None:
@@ -258,6 +278,7 @@ class Agent:
             self._announcing.add(task)
             task.add_done_callback(self._announcing.discard)
             log.info("node=%s took egress IP %s; announcing it", self.node, ip)
+        await self._forget_moved_flows(desired)
         self.slots = {g.node: g.slot for g in desired.gateways}
         if errors:
             self.metrics.inc("sync_errors_total")
@@ -273,6 +294,37 @@ class Agent:
             desired.pods_snat,
             ",".join(map(str, desired.owned)) or "-",
             ",".join(f"{g.node}:{g.slot}" for g in desired.gateways) or "-",
+        )
+
+    def _paths(self, desired: DesiredState) -> dict[IPv4Address, object]:
+        """Local pod -> where its steered traffic goes (a gateway node, here, or nowhere)."""
+        by_slot = {g.slot: g.node for g in desired.gateways}
+        out: dict[IPv4Address, object] = {}
+        for rule in desired.rules:
+            for ip, target in rule.steer:
+                out.setdefault(
+                    ip, by_slot.get(target, target) if isinstance(target, int) else target
+                )
+        return out
+
+    async def _forget_moved_flows(self, desired: DesiredState) -> None:
+        if self.applied is None:
+            return  # at start-up the kernel's connections match what is programmed
+        before, after = self._paths(self.applied), self._paths(desired)
+        moved = sorted(
+            ip
+            for ip, path in after.items()
+            if ip in before and before[ip] != path and "drop" not in (path, before[ip])
+        )
+        if not moved:
+            return
+        keep = list(desired.cluster)
+        removed = await self.netns_runner.run(lambda: flush_pods(moved, keep))
+        log.info(
+            "node=%s egress path changed for %d pods: %d connections reset",
+            self.node,
+            len(moved),
+            removed,
         )
 
     def _record(self, desired: DesiredState, start: float) -> None:
@@ -299,6 +351,75 @@ class Agent:
         await self.events.report(
             (p.ref, uids.get(p.ref, ""), p.reason, p.message) for p in desired.problems
         )
+
+    # --------------------------------------------------------------- fencing
+
+    def _peers(self) -> list[IPv4Address]:
+        """Up to eight other nodes to probe, the same ones on every run."""
+        nodes = [
+            n
+            for n in (parse_node(o) for o in self.reflectors["nodes"].store.values())
+            if n is not None and n.name != self.node and n.internal_ip is not None
+        ]
+        ranked = sorted(
+            nodes, key=lambda n: hashlib.sha256(f"{self.node}|{n.name}".encode()).digest()
+        )
+        return [n.internal_ip for n in ranked[:8] if n.internal_ip is not None]
+
+    async def _fence_loop(self) -> None:
+        """Withdraw our egress IPs when no peer answers for `fence_after` seconds
+        (we are the one cut off), and take them back only after peers have
+        answered again for `rejoin_after` seconds, by which time the status
+        says whether the manager moved them away meanwhile."""
+        while True:
+            await asyncio.sleep(0.1)
+            peers = self._peers()
+            self.prober.set_targets(peers)
+            now = time.monotonic()
+            if not peers:
+                self._probing_since = None
+                continue
+            if self._probing_since is None:
+                self._probing_since = now
+            # Silence only counts once the probes have had time to be answered.
+            probing = now - self._probing_since >= self.opts.fence_after
+            heard = not probing or self.prober.heard_within(self.opts.fence_after)
+            owned = self.applied.owned if self.applied is not None else ()
+            if not heard and owned and self._fenced_at is None:
+                self._fenced_at = now
+                self.withheld = frozenset(owned)
+                self._heard_since = None
+                self.metrics.inc("fences_total")
+                log.warning(
+                    "node=%s cut off from every peer for %.1fs: withdrawing %s",
+                    self.node,
+                    self.opts.fence_after,
+                    ",".join(map(str, owned)),
+                )
+                self.runner.poke()
+            elif self._fenced_at is not None:
+                policies = self.reflectors["staticegressips"]
+                if not self.prober.heard_within(0.5):
+                    self._heard_since = None
+                elif self._heard_since is None:
+                    self._heard_since = now
+                    # A watch that survived the partition may deliver what it
+                    # missed only after TCP's backoff; list afresh instead.
+                    self._relists_at_heal = policies.relists
+                    policies.request_relist()
+                elif (
+                    now - self._heard_since >= self.opts.rejoin_after
+                    and policies.relists > self._relists_at_heal
+                ):
+                    log.info(
+                        "node=%s peers reachable again for %.1fs: following the status",
+                        self.node,
+                        self.opts.rejoin_after,
+                    )
+                    self._fenced_at = None
+                    self.withheld = frozenset()
+                    self.runner.poke()
+            self.metrics.set("fenced", 1 if self._fenced_at is not None else 0)
 
     # ---------------------------------------------------------------- health
 

@@ -83,6 +83,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--table-base", type=int, default=7300, help="first routing table we use")
     p.add_argument("--rule-priority", type=int, default=100, help="priority of our ip rules")
     p.add_argument(
+        "--fence-after",
+        type=float,
+        default=1.0,
+        help="seconds without an answer from any peer node after which this node withdraws "
+        "the egress IPs it owns (0 disables; default: 1)",
+    )
+    p.add_argument(
+        "--rejoin-after",
+        type=float,
+        default=3.0,
+        help="seconds peers must answer again before a fenced node follows the status again "
+        "(default: 3)",
+    )
+    p.add_argument(
         "--cleanup",
         action="store_true",
         help="remove every rule, route, address and link we own, then exit",
@@ -115,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         marks=MarkLayout(slot_mask=args.mark_mask, return_bit=args.return_mark),
         table_base=args.table_base,
         rule_priority=args.rule_priority,
+        fence_after=args.fence_after,
+        rejoin_after=args.rejoin_after,
     )
     return asyncio.run(_main(opts, Path(args.kubeconfig) if args.kubeconfig else None))
 

@@ -154,26 +154,8 @@ def run(args: argparse.Namespace) -> int:
     print("\nThe original example, with lab addresses: the pods behind Service frontend")
     print(f"reach {plan.SERVER_IPS[0]} with the source 198.51.100.200.")
     kubectl.show("apply", "-f", str(example))
-    # The gateway manager (the next piece of the project) will choose the
-    # gateway; until it exists, the demo writes that choice on the status.
-    gateway = plan.node_plans(state.nodes)[min(1, state.nodes - 1)].name
-    print(f"\n(no manager yet: the demo names {gateway} as the gateway on the status)")
-    kubectl(
-        "patch",
-        "staticegressip",
-        "frontend",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(
-            {
-                "status": {
-                    "egressIPs": [{"egressIP": "198.51.100.200", "gateway": gateway}],
-                    "summary": {"egressIPs": "198.51.100.200", "gateways": gateway},
-                }
-            }
-        ),
-    )
+    gateway = _wait_gateway(kubectl)
+    print(f"\nThe manager chose {gateway} as the gateway of 198.51.100.200:")
     kubectl.show("get", "staticegressips")
     time.sleep(1.0)  # the agents apply a change within a fraction of a second
     _show_sources(
@@ -183,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         state.nodes,
     )
 
+    _failover(kubectl, pods, gateway)
+
     print("\nA typo in the egress IP is refused by the API server:")
     kubectl.show("apply", "-f", "-", stdin=TYPO, check=False)
 
@@ -191,3 +175,61 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(lab.describe(state, binaries.kubectl))
     return 0
+
+
+def _wait_gateway(kubectl: _Kubectl) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        obj = json.loads(kubectl("get", "staticegressip", "frontend", "-o", "json"))
+        for entry in (obj.get("status") or {}).get("egressIPs", []):
+            if entry.get("gateway"):
+                return str(entry["gateway"])
+        time.sleep(0.2)
+    raise LabError("the manager assigned no gateway within 30 s")
+
+
+def _failover(kubectl: _Kubectl, pods: list[dict[str, Any]], gateway: str) -> None:
+    """Kill the gateway node while a frontend pod elsewhere probes the server."""
+    client = next(
+        p
+        for p in pods
+        if p["metadata"]["labels"]["app"] == "frontend" and p["spec"]["nodeName"] != gateway
+    )
+    target = f"{client['metadata']['namespace']}/{client['metadata']['name']}"
+    print(
+        f"\nFailover: {client['metadata']['name']} on {client['spec']['nodeName']} sends a UDP "
+        f"probe to {plan.SERVER_IPS[0]} every 10 ms; after 1 s the gateway {gateway} is "
+        "killed (its processes stop, its link goes down)."
+    )
+    argv = lab.exec_argv(
+        target,
+        [
+            sys.executable,
+            "-m",
+            "staticegress",
+            "lab",
+            "probe-run",
+            "--server",
+            str(plan.SERVER_IPS[0]),
+            "--port",
+            str(plan.UDP_PORT),
+            "--interval",
+            "0.01",
+            "--duration",
+            "4",
+        ],
+    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    lab.node_kill(gateway, progress=_say)
+    out, _ = proc.communicate(timeout=60)
+    res = json.loads(out)
+    new = _wait_gateway(kubectl)
+    print(
+        f"  {res['sent']} probes, {res['received']} answered; the server saw the sources "
+        f"{res['sources']}; longest gap {res['longest_gap_ms']:.0f} ms"
+    )
+    print(f"  198.51.100.200 moved from {gateway} to {new}:")
+    kubectl.show("get", "staticegressips")
+    lab.node_restore(gateway, progress=_say)
+    print(f"  {gateway} is back; it stays a standby (no flapping).")

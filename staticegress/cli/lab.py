@@ -88,6 +88,16 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manager(args: argparse.Namespace) -> int:
+    lab.manager_control(args.index, start=args.action == "start", kill=args.kill, progress=_say)
+    return 0
+
+
+def _apiserver(args: argparse.Namespace) -> int:
+    lab.apiserver_control(start=args.action == "start", progress=_say)
+    return 0
+
+
 def _kubelet(args: argparse.Namespace) -> int:
     node = plan.node_by_name(args.node, args.nodes)
     asyncio.run(
@@ -207,6 +217,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ag.add_argument("name", metavar="NODE")
     ag.add_argument("--kill", action="store_true", help="stop with SIGKILL, as a crash would")
     ag.set_defaults(func=_agent)
+
+    mg = lsub.add_parser(
+        "manager",
+        help="stop or start one of the lab's two managers",
+        description="stop: end manager N (SIGTERM, or SIGKILL with --kill); start: run it again.",
+    )
+    mg.add_argument("action", choices=["start", "stop"])
+    mg.add_argument("index", type=int, choices=[1, 2], metavar="N")
+    mg.add_argument("--kill", action="store_true", help="stop with SIGKILL, as a crash would")
+    mg.set_defaults(func=_manager)
+
+    aps = lsub.add_parser(
+        "apiserver",
+        help="stop or start the lab's kube-apiserver",
+        description="Stop or start kube-apiserver alone, to see the "
+        "dataplane ride out a control-plane outage.",
+    )
+    aps.add_argument("action", choices=["start", "stop"])
+    aps.set_defaults(func=_apiserver)
 
     kl = lsub.add_parser(
         "kubelet",

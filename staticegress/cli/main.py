@@ -6,9 +6,8 @@ Subcommands:
 - `lab ...`: the local cluster of network-namespace nodes and pods;
 - `demo`: the local demo, on the lab;
 
-- `agent`: the node agent.
-
-The manager joins here as a further subcommand.
+- `agent`: the node agent;
+- `manager`: the gateway manager.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from staticegress import __version__
 from staticegress.cli import agent as agent_cli
 from staticegress.cli import demo as demo_cli
 from staticegress.cli import lab as lab_cli
+from staticegress.cli import manager as manager_cli
 from staticegress.controlplane.binaries import BinaryNotFoundError, ensure_binaries
 from staticegress.controlplane.cluster import ControlPlane, ControlPlaneError
 from staticegress.k8s.client import api_client
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=demo_cli.run)
     lab_cli.add_parser(sub)
     agent_cli.add_parser(sub)
+    manager_cli.add_parser(sub)
     return parser
 
 

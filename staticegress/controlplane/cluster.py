@@ -350,6 +350,42 @@ class ControlPlane:
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
 
+    @staticmethod
+    def control_detached(workdir: Path, name: str, *, start: bool) -> None:
+        """Stop or start one component of a detached control plane (outage tests)."""
+        components = workdir / "components.json"
+        known = json.loads(components.read_text())
+        entry = known[name]
+        pid = int(entry["pid"])
+        alive = _pid_alive(pid) and str(workdir) in _cmdline(pid)
+        if not start:
+            if alive:
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + STOP_GRACE
+                while (
+                    time.monotonic() < deadline
+                    and _pid_alive(pid)
+                    and str(workdir) in _cmdline(pid)
+                ):
+                    time.sleep(0.05)
+                if _pid_alive(pid) and str(workdir) in _cmdline(pid):
+                    os.kill(pid, signal.SIGKILL)
+            return
+        if alive:
+            return
+        with open(entry["log"], "ab") as out:
+            popen = subprocess.Popen(
+                entry["argv"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        entry["pid"] = popen.pid
+        components.write_text(json.dumps(known))
+        with open(workdir / "children.pid", "a") as f:
+            f.write(f"{popen.pid}\n")
+
     def running(self) -> dict[str, bool]:
         """Whether each started component is still running."""
         return {p.name: p.popen.poll() is None for p in self._procs}
@@ -388,6 +424,10 @@ class ControlPlane:
             )
         with open(self._dir / "children.pid", "a") as f:
             f.write(f"{popen.pid}\n")
+        components = self._dir / "components.json"
+        known = json.loads(components.read_text()) if components.exists() else {}
+        known[name] = {"argv": argv, "pid": popen.pid, "log": str(log)}
+        components.write_text(json.dumps(known))
         return _Proc(name, argv, popen, log)
 
     def _wait(self, name: str, ready: Callable[[], bool], timeout: float = 90) -> None:

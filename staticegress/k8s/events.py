@@ -42,7 +42,15 @@ class EventRecorder:
             await self._emit(ref, current[key], reason, message)
         self._active = set(current)
 
-    async def _emit(self, ref: EgressIPRef, uid: str, reason: str, message: str) -> None:
+    async def emit(
+        self, ref: EgressIPRef, uid: str, reason: str, message: str, *, kind: str = "Warning"
+    ) -> None:
+        """Record one Event now (for transitions, which need no de-duplication)."""
+        await self._emit(ref, uid, reason, message, kind=kind)
+
+    async def _emit(
+        self, ref: EgressIPRef, uid: str, reason: str, message: str, *, kind: str = "Warning"
+    ) -> None:
         if self._core is None:
             return
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -59,7 +67,7 @@ class EventRecorder:
             },
             "reason": reason,
             "message": message[:1024],
-            "type": "Warning",
+            "type": kind,
             "source": {"component": self._component, "host": self._host},
             "reportingComponent": self._component,
             "reportingInstance": self._host,

@@ -73,6 +73,7 @@ class Reflector:
         """True while a watch stream is open; health checks read it."""
         self.last_connected = time.monotonic()
         """When the stream was last known good (monotonic seconds)."""
+        self._relist = asyncio.Event()
 
     async def run(self) -> None:
         """List and watch forever; only cancellation stops it."""
@@ -82,7 +83,8 @@ class Reflector:
                 await self._list()
                 backoff = 0.2
                 while True:  # a watch that times out resumes from where it was
-                    await self._watch_until_expired()
+                    if await self._watch_or_relist():
+                        break
             except asyncio.CancelledError:
                 raise
             except _GoneError:
@@ -93,6 +95,29 @@ class Reflector:
                 log.warning("reflector=%s error=%s retry_in=%.1fs", self.name, _brief(exc), backoff)
                 await asyncio.sleep(backoff * (1 + random.random() / 2))
                 backoff = min(backoff * 2, self._max_backoff)
+
+    def request_relist(self) -> None:
+        """Drop the current watch and list again (e.g. after a network partition healed,
+        when a surviving stream may deliver what it missed only much later)."""
+        self._relist.set()
+
+    async def _watch_or_relist(self) -> bool:
+        """Watch until the stream ends (False) or a relist is requested (True)."""
+        watch_task = asyncio.ensure_future(self._watch_until_expired())
+        relist = asyncio.ensure_future(self._relist.wait())
+        try:
+            done, _ = await asyncio.wait({watch_task, relist}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            relist.cancel()
+            if not watch_task.done():
+                watch_task.cancel()
+                await asyncio.gather(watch_task, return_exceptions=True)
+        if relist in done:
+            self._relist.clear()
+            log.info("reflector=%s listing again on request", self.name)
+            return True
+        watch_task.result()  # re-raise what ended the stream, if anything
+        return False
 
     async def _list(self) -> None:
         resp = await self._list_fn(

@@ -198,6 +198,8 @@ class LabKubelet:
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
             plan.LAB_LABEL: "true",
+            # Every lab node may be a gateway (the manager's default label).
+            "staticegress.io/gateway": "true",
         }
         annotations = {plan.VTEP_ANNOTATION: self._vtep_mac} if self._vtep_mac else {}
         body = {

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,6 +322,55 @@ def _start_agent(state: LabState, node: plan.NodePlan) -> None:
     state.processes[f"agent/{node.name}"] = _spawn(f"agent/{node.name}", argv)
 
 
+MANAGERS = 2
+
+
+def _start_manager(state: LabState, index: int) -> None:
+    """Managers run in the host namespace, which sits on the underlay like a node."""
+    kubeconfig = state_dir() / "kubeconfigs" / "manager.kubeconfig"
+    key = f"manager/{index}"
+    state.processes[key] = _spawn(
+        key,
+        _self_argv(
+            "manager",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--identity",
+            f"manager-{index}",
+            "--health-address",
+            str(plan.HOST_IP),
+            "--health-port",
+            str(9809 + index),
+        ),
+    )
+
+
+def _wait_agents(
+    state: LabState, plans: tuple[plan.NodePlan, ...], progress: Progress, wait: float = 30
+) -> None:
+    """Every agent ready (first sync applied), or an error with the log of one that died."""
+    deadline = time.monotonic() + wait
+    pending = {p.name: p for p in plans}
+    while pending:
+        for name, node in list(pending.items()):
+            pid = state.processes.get(f"agent/{name}", 0)
+            if not _ours(pid):
+                log = state_dir() / "logs" / f"agent-{name}.log"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise LabError(f"the agent of {name} exited:\n{tail}")
+            try:
+                url = f"http://{node.underlay_ip}:{AGENT_PORT}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        del pending[name]
+            except OSError:
+                pass
+        if pending and time.monotonic() > deadline:
+            raise LabError(f"agents not ready after {wait:.0f}s: {', '.join(pending)}")
+        time.sleep(0.2)
+    progress("every agent is ready")
+
+
 def _start_servers(state: LabState) -> None:
     argv = ["ip", "netns", "exec", plan.NS_EXTERNAL, *_self_argv("lab", "serve")]
     for s in plan.SERVER_IPS:
@@ -514,6 +564,12 @@ def _up(
     )
     shutil.copyfile(minted, kube_dir / "agent.kubeconfig")
     (kube_dir / "agent.kubeconfig").chmod(0o600)
+    _apply_manifest(binaries, admin, "rbac/manager.yaml")
+    minted = cp.kubeconfig_for_service_account(
+        "staticegress-system", "staticegress-manager", expiration_seconds=7 * 86400
+    )
+    shutil.copyfile(minted, kube_dir / "manager.kubeconfig")
+    (kube_dir / "manager.kubeconfig").chmod(0o600)
     for p in plans:
         minted = cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",))
         shutil.copyfile(minted, kube_dir / f"{p.name}.kubeconfig")
@@ -530,7 +586,11 @@ def _up(
         progress("starting the staticegress agent on every node")
         for p in plans:
             _start_agent(state, p)
+        progress(f"starting {MANAGERS} gateway managers")
+        for i in range(1, MANAGERS + 1):
+            _start_manager(state, i)
         _save_state(state)
+        _wait_agents(state, plans, progress)
     progress(f"lab up in {time.monotonic() - t0:.1f}s")
     return state
 
@@ -680,6 +740,36 @@ def node_restore(name: str, *, progress: Progress) -> None:
         state.partitioned = [n for n in state.partitioned if n != name]
         _save_state(state)
         progress(f"{name} restored")
+
+
+def manager_control(index: int, *, start: bool, kill: bool, progress: Progress) -> None:
+    """Stop (SIGTERM, or SIGKILL) or start one of the lab's managers."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        key = f"manager/{index}"
+        pid = state.processes.get(key, 0)
+        if start:
+            if not _ours(pid):
+                _start_manager(state, index)
+            progress(f"manager {index} running (pid {state.processes[key]})")
+        else:
+            if _ours(pid):
+                if kill:
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    kill_pids([pid])
+            progress(f"manager {index} stopped{' with SIGKILL' if kill else ''}")
+        _save_state(state)
+
+
+def apiserver_control(*, start: bool, progress: Progress) -> None:
+    """Stop or start the lab's kube-apiserver (etcd and the rest keep running)."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        ControlPlane.control_detached(Path(state.controlplane_dir), "kube-apiserver", start=start)
+        progress(f"kube-apiserver {'started' if start else 'stopped'}")
 
 
 def agent_control(name: str, *, start: bool, kill: bool, progress: Progress) -> None:

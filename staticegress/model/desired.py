@@ -239,8 +239,13 @@ def compute_desired(
     config: AgentConfig,
     *,
     previous_slots: Mapping[NodeName, int] | None = None,
+    withheld: frozenset[IPAddress] = frozenset(),
 ) -> DesiredState:
-    """This node's desired dataplane for `snapshot`."""
+    """This node's desired dataplane for `snapshot`.
+
+    `withheld`: egress IPs the status gives this node that it must not hold
+    now (it fenced itself off after losing contact with its peers).
+    """
     me = config.node
     nodes = {n.name: n for n in snapshot.nodes}
     pods = sorted(p for p in snapshot.pods if p.ip is not None and not p.host_network)
@@ -269,6 +274,8 @@ def compute_desired(
                 owner[eip] = pol.ref
                 entry = status.get(eip)
                 gw = entry.gateway if entry is not None else None
+                if gw == me and eip in withheld:
+                    continue  # fenced: as if no gateway were known
                 if gw is not None and gw in nodes and nodes[gw].internal_ip is not None:
                     gateway_of[eip] = gw
 

@@ -165,3 +165,32 @@ async def test_not_synced_until_a_list_succeeds() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class _Hanging(_Response):
+    """A watch stream that stays open and silent, as one cut off by a partition."""
+
+    def __init__(self) -> None:
+        super().__init__(lines=[])
+
+        async def never() -> bytes:
+            await asyncio.Event().wait()
+            return b""
+
+        self.content.readline = never  # type: ignore[method-assign]
+
+
+async def test_request_relist_replaces_a_silent_watch() -> None:
+    script = _Script([_list(10, _pod("a", 5)), _Hanging(), _list(20, _pod("b", 19))])
+    r = Reflector(name="t", list_fn=script, max_backoff=0.01)
+    task = asyncio.create_task(r.run())
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert sorted(r.store) == ["ns/a"]
+    r.request_relist()
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    assert sorted(r.store) == ["ns/b"]
+    assert r.relists == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -1,0 +1,270 @@
+"""assign_gateways: which node owns each egress IP, and the status that says so. Pure.
+
+Recomputed whole from (policies with their current status, nodes, health)
+on every change; the manager diffs the result against what the objects say
+and writes only what differs.
+
+Rules, in order:
+1. an egress IP belongs to the oldest StaticEgressIP listing it (then
+   namespace/name); younger claimants get no gateway for it (conflict);
+2. candidates are the nodes matching the rule's gateway-selector, or else
+   carrying the default gateway label; only healthy ones are eligible;
+3. sticky: the current owner keeps the IP while it is eligible;
+4. otherwise eligible nodes are ranked by a hash of (egress IP, node)
+   (rendezvous hashing: stable, evenly spread, a node joining or leaving
+   moves nothing else), preferring nodes no other IP of the rule uses;
+5. the next two ranked nodes are the standbys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from staticegress.api.core import Node
+from staticegress.api.types import (
+    EgressIPRef,
+    EgressRule,
+    IPAddress,
+    NodeName,
+    StaticEgressIP,
+)
+
+DEFAULT_GATEWAY_LABEL = ("staticegress.io/gateway", "true")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    egress_ip: IPAddress
+    rule: int
+    gateway: NodeName | None
+    since: datetime | None
+    standbys: tuple[NodeName, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConditionOut:
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """The status one StaticEgressIP should carry."""
+
+    ref: EgressIPRef
+    generation: int
+    assignments: tuple[Assignment, ...]
+    conditions: tuple[ConditionOut, ...]
+    events: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
+    """(type, reason, message) to record because of this change."""
+
+
+def rank(egress_ip: IPAddress, nodes: Iterable[NodeName]) -> list[NodeName]:
+    """Nodes in rendezvous-hash order for `egress_ip`."""
+
+    def score(node: NodeName) -> bytes:
+        return hashlib.sha256(f"{egress_ip}|{node}".encode()).digest()
+
+    return sorted(nodes, key=score)
+
+
+def _candidates(
+    rule: EgressRule, nodes: Iterable[Node], default_label: tuple[str, str]
+) -> list[NodeName]:
+    out = []
+    for n in nodes:
+        labels = dict(n.labels)
+        if rule.gateway_selector is not None:
+            if rule.gateway_selector.matches(labels):
+                out.append(n.name)
+        elif labels.get(default_label[0]) == default_label[1]:
+            out.append(n.name)
+    return sorted(out)
+
+
+def assign_gateways(
+    policies: Iterable[StaticEgressIP],
+    *,
+    nodes: Iterable[Node],
+    healthy: frozenset[NodeName],
+    services: frozenset[tuple[str, str]],
+    now: datetime,
+    default_label: tuple[str, str] = DEFAULT_GATEWAY_LABEL,
+) -> list[PolicyResult]:
+    """The desired status of every policy, in global rule order."""
+    nodes = list(nodes)
+
+    def key(p: StaticEgressIP) -> tuple[str, EgressIPRef]:
+        return (p.created.isoformat() if p.created else "~", p.ref)
+
+    ordered = sorted(policies, key=key)
+    owner: dict[IPAddress, EgressIPRef] = {}
+    for pol in ordered:
+        for rule in pol.spec.rules:
+            for eip in rule.egress_ips:
+                owner.setdefault(eip, pol.ref)
+
+    results = []
+    for pol in ordered:
+        current = {a.egress_ip: a for a in pol.status.egress_ips}
+        assignments: list[Assignment] = []
+        events: list[tuple[str, str, str]] = []
+        problems: list[tuple[str, str]] = []
+        for rule in pol.spec.rules:
+            eligible = [n for n in _candidates(rule, nodes, default_label) if n in healthy]
+            used: set[NodeName] = set()
+            if (
+                rule.service_name is not None
+                and (pol.ref.namespace, rule.service_name) not in services
+            ):
+                problems.append(
+                    (
+                        "ServiceNotFound",
+                        f"rule {rule.index}: Service "
+                        f"{pol.ref.namespace}/{rule.service_name} does not exist",
+                    )
+                )
+            for eip in rule.egress_ips:
+                old = current.get(eip)
+                if owner[eip] != pol.ref:
+                    problems.append(
+                        ("EgressIPConflict", f"{eip} is already claimed by {owner[eip]}")
+                    )
+                    assignments.append(Assignment(eip, rule.index, None, None))
+                    continue
+                ranked = rank(eip, eligible)
+                if old is not None and old.gateway in eligible:
+                    gw: NodeName | None = old.gateway
+                else:
+                    fresh = [n for n in ranked if n not in used]
+                    pick = fresh or ranked
+                    gw = pick[0] if pick else None
+                if gw is None:
+                    problems.append(
+                        ("NoEligibleGateway", f"{eip}: no healthy node is eligible as its gateway")
+                    )
+                    if old is None or old.gateway is not None:
+                        events.append(
+                            ("Warning", "NoEligibleGateway", f"{eip} has no eligible gateway")
+                        )
+                    assignments.append(Assignment(eip, rule.index, None, None))
+                    continue
+                used.add(gw)
+                since = old.since if old is not None and old.gateway == gw else now
+                if old is None or old.gateway is None:
+                    events.append(("Normal", "GatewayAssigned", f"{eip} -> {gw}"))
+                elif old.gateway != gw:
+                    events.append(
+                        ("Warning", "GatewayFailover", f"{eip} moved from {old.gateway} to {gw}")
+                    )
+                standbys = tuple(n for n in ranked if n != gw)[:2]
+                assignments.append(Assignment(eip, rule.index, gw, since, standbys))
+        results.append(
+            PolicyResult(
+                ref=pol.ref,
+                generation=pol.generation,
+                assignments=tuple(assignments),
+                conditions=_conditions(assignments, problems),
+                events=tuple(events),
+            )
+        )
+    return results
+
+
+def _conditions(
+    assignments: list[Assignment], problems: list[tuple[str, str]]
+) -> tuple[ConditionOut, ...]:
+    missing = [a for a in assignments if a.gateway is None]
+    if missing:
+        reason = next(
+            (r for r, _ in problems if r in ("EgressIPConflict", "NoEligibleGateway")),
+            "NoEligibleGateway",
+        )
+        ready = ConditionOut(
+            "Ready",
+            "False",
+            reason,
+            f"{len(missing)} of {len(assignments)} egress IPs have no gateway",
+        )
+    else:
+        ready = ConditionOut("Ready", "True", "GatewayAssigned", "every egress IP has a gateway")
+    programmed = ConditionOut(
+        "Programmed",
+        "True" if not missing else "False",
+        "GatewaysLive" if not missing else "GatewayMissing",
+        "every assigned gateway answers heartbeats"
+        if not missing
+        else "traffic of pods whose egress IP has no gateway is dropped",
+    )
+    if problems:
+        degraded = ConditionOut(
+            "Degraded", "True", problems[0][0], "; ".join(m for _, m in problems)[:1000]
+        )
+    else:
+        degraded = ConditionOut("Degraded", "False", "AsExpected", "no problems")
+    return ready, programmed, degraded
+
+
+def invalid_result(ref: EgressIPRef, generation: int, error: str) -> PolicyResult:
+    """The status of an object whose spec breaks the API's rules."""
+    return PolicyResult(
+        ref=ref,
+        generation=generation,
+        assignments=(),
+        conditions=(
+            ConditionOut("Ready", "False", "InvalidSpec", error[:1000]),
+            ConditionOut("Programmed", "False", "InvalidSpec", "nothing is programmed"),
+            ConditionOut("Degraded", "True", "InvalidSpec", error[:1000]),
+        ),
+    )
+
+
+def status_body(
+    result: PolicyResult,
+    *,
+    previous_conditions: Mapping[str, Mapping[str, Any]],
+    now: datetime,
+) -> dict[str, Any]:
+    """The status subresource for `result`, keeping transition times that did not change."""
+
+    def ts(t: datetime | None) -> str | None:
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else None
+
+    conditions = []
+    for c in result.conditions:
+        prev = previous_conditions.get(c.type)
+        same = prev is not None and prev.get("status") == c.status
+        conditions.append(
+            {
+                "type": c.type,
+                "status": c.status,
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": result.generation,
+                "lastTransitionTime": prev["lastTransitionTime"] if same and prev else ts(now),
+            }
+        )
+    entries = []
+    for a in result.assignments:
+        entry: dict[str, Any] = {"egressIP": str(a.egress_ip), "rule": a.rule}
+        if a.gateway is not None:
+            entry["gateway"] = a.gateway
+            entry["since"] = ts(a.since)
+        if a.standbys:
+            entry["standbys"] = list(a.standbys)
+        entries.append(entry)
+    return {
+        "observedGeneration": result.generation,
+        "egressIPs": entries,
+        "summary": {
+            "egressIPs": ",".join(str(a.egress_ip) for a in result.assignments)[:1024],
+            "gateways": ",".join(a.gateway or "-" for a in result.assignments)[:4096],
+        },
+        "conditions": conditions,
+    }
