@@ -212,6 +212,13 @@ def test_partitioned_gateway_withdraws_and_one_owner_answers_arp(world: dict[str
     assert not node_has(victim, eip), "the healed node took the IP back"
     owners = arp_owners(eip)
     assert owners == {uplink_mac(new)}, f"ARP answered by {owners}"
+    neigh = subprocess.run(
+        ["ip", "-n", plan.NS_EXTERNAL, "neigh", "show", eip],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert uplink_mac(new) in neigh, f"the external host's neighbour table: {neigh!r}"
     assert lab.http_source(target(pod)) == eip
 
 
