@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from ipaddress import IPv4Network
 from pathlib import Path
 
 from staticegress.agent.agent import Agent, AgentOptions, cleanup
-from staticegress.k8s.client import api_client
+from staticegress.cli.service import run_service
 from staticegress.render.nft import MarkLayout
 
 log = logging.getLogger("staticegress.agent")
@@ -132,21 +131,13 @@ def run(args: argparse.Namespace) -> int:
         fence_after=args.fence_after,
         rejoin_after=args.rejoin_after,
     )
-    return asyncio.run(_main(opts, Path(args.kubeconfig) if args.kubeconfig else None))
 
-
-async def _main(opts: AgentOptions, kubeconfig: Path | None) -> int:
-    api = await api_client(kubeconfig)
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await Agent(api, opts).run()
-    except asyncio.CancelledError:
+    async def stopped() -> None:
         # Deliberately no cleanup: the dataplane stays as it is (see the agent module).
         log.info("node=%s agent stopping; dataplane left in place", opts.node)
-    finally:
-        await api.close()
-    return 0
+
+    return run_service(
+        Path(args.kubeconfig) if args.kubeconfig else None,
+        lambda api: Agent(api, opts).run(),
+        on_stop=stopped,
+    )

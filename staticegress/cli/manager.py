@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 
-from staticegress.k8s.client import api_client
+from kubernetes_asyncio import client
+
+from staticegress.cli.service import run_service
 from staticegress.manager.manager import Manager, ManagerOptions
 from staticegress.model.assign import DEFAULT_GATEWAY_LABEL
 
@@ -75,22 +75,15 @@ def run(args: argparse.Namespace) -> int:
         health_address=args.health_address,
         health_port=args.health_port,
     )
-    return asyncio.run(_main(opts, Path(args.kubeconfig) if args.kubeconfig else None))
+    managers: list[Manager] = []
 
+    async def body(api: client.ApiClient) -> None:
+        managers.append(Manager(api, opts))
+        await managers[0].run()
 
-async def _main(opts: ManagerOptions, kubeconfig: Path | None) -> int:
-    api = await api_client(kubeconfig)
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    manager = Manager(api, opts)
-    try:
-        await manager.run()
-    except asyncio.CancelledError:
+    async def stopped() -> None:
         log.info("manager=%s stopping", opts.identity)
-        await manager.elector.release()
-    finally:
-        await api.close()
-    return 0
+        if managers:
+            await managers[0].elector.release()
+
+    return run_service(Path(args.kubeconfig) if args.kubeconfig else None, body, on_stop=stopped)

@@ -71,14 +71,19 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _cmdline(pid: int) -> str:
@@ -96,14 +101,14 @@ def sweep_stale_workdirs(*, progress: Progress = _stderr_progress) -> int:
             owner = int((d / "owner.pid").read_text())
         except (OSError, ValueError):
             continue
-        if _pid_alive(owner):
+        if pid_alive(owner):
             continue
         for line in (
             (d / "children.pid").read_text().split() if (d / "children.pid").exists() else []
         ):
             pid = int(line)
             # A recycled pid belongs to someone else: kill only what names our dir.
-            if _pid_alive(pid) and str(d) in _cmdline(pid):
+            if pid_alive(pid) and str(d) in _cmdline(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(d, ignore_errors=True)
@@ -335,17 +340,17 @@ class ControlPlane:
         """
         pids_file = workdir / "children.pid"
         pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
-        ours = [p for p in pids if _pid_alive(p) and str(workdir) in _cmdline(p)]
+        ours = [p for p in pids if pid_alive(p) and str(workdir) in _cmdline(p)]
         for pid in reversed(ours):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + (grace or STOP_GRACE)
         while time.monotonic() < deadline and any(
-            _pid_alive(p) and str(workdir) in _cmdline(p) for p in ours
+            pid_alive(p) and str(workdir) in _cmdline(p) for p in ours
         ):
             time.sleep(0.1)
         for pid in ours:
-            if _pid_alive(pid) and str(workdir) in _cmdline(pid):
+            if pid_alive(pid) and str(workdir) in _cmdline(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -357,18 +362,16 @@ class ControlPlane:
         known = json.loads(components.read_text())
         entry = known[name]
         pid = int(entry["pid"])
-        alive = _pid_alive(pid) and str(workdir) in _cmdline(pid)
+        alive = pid_alive(pid) and str(workdir) in _cmdline(pid)
         if not start:
             if alive:
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + STOP_GRACE
                 while (
-                    time.monotonic() < deadline
-                    and _pid_alive(pid)
-                    and str(workdir) in _cmdline(pid)
+                    time.monotonic() < deadline and pid_alive(pid) and str(workdir) in _cmdline(pid)
                 ):
                     time.sleep(0.05)
-                if _pid_alive(pid) and str(workdir) in _cmdline(pid):
+                if pid_alive(pid) and str(workdir) in _cmdline(pid):
                     os.kill(pid, signal.SIGKILL)
             return
         if alive:

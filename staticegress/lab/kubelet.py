@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import logging
 import platform
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -301,16 +302,12 @@ class LabKubelet:
         return str(json.loads(out)[0]["address"])
 
     async def _route_loop(self) -> None:
-        await self.nodes.synced.wait()
-        while True:
-            await self._routes_dirty.wait()
-            self._routes_dirty.clear()
-            try:
-                await self._sync_routes()
-            except Exception as exc:
-                log.warning("node=%s route sync failed: %s", self.node.name, exc)
-                await asyncio.sleep(1)
-                self._routes_dirty.set()
+        await _coalesced(
+            f"node={self.node.name} route sync",
+            self.nodes.synced,
+            self._routes_dirty,
+            self._sync_routes,
+        )
 
     async def _sync_routes(self) -> None:
         ns = self.node.netns
@@ -355,33 +352,14 @@ class LabKubelet:
                 "permanent",
             )
         if commands:
-            proc = await asyncio.create_subprocess_exec(
-                "ip",
-                "-n",
-                ns,
-                "-force",
-                "-batch",
-                "-",
-                stdin=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            _, err = await proc.communicate(("\n".join(commands) + "\n").encode())
-            if proc.returncode != 0:
-                raise LabError(f"routes on {ns}: {err.decode().strip()}")
+            await _batch(ns, commands, force=True)
 
     # ----------------------------------------------------------------- pods
 
     async def _pod_loop(self) -> None:
-        await self.pods.synced.wait()
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            try:
-                await self._sync_pods()
-            except Exception as exc:
-                log.exception("node=%s pod sync failed: %s", self.node.name, exc)
-                await asyncio.sleep(1)
-                self._dirty.set()
+        await _coalesced(
+            f"node={self.node.name} pod sync", self.pods.synced, self._dirty, self._sync_pods
+        )
 
     async def _sync_pods(self) -> None:
         wanted: dict[str, dict[str, Any]] = {}
@@ -548,6 +526,22 @@ class LabKubelet:
         )
 
 
+async def _coalesced(
+    what: str, synced: asyncio.Event, dirty: asyncio.Event, fn: Callable[[], Awaitable[None]]
+) -> None:
+    """Run `fn` whenever `dirty` is set, after the first list; retry a second after errors."""
+    await synced.wait()
+    while True:
+        await dirty.wait()
+        dirty.clear()
+        try:
+            await fn()
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc)
+            await asyncio.sleep(1)
+            dirty.set()
+
+
 def _is_ready(obj: dict[str, Any]) -> bool:
     for c in (obj.get("status") or {}).get("conditions") or []:
         if c.get("type") == "Ready":
@@ -562,11 +556,13 @@ def _is_mac(value: str) -> bool:
     )
 
 
-async def _batch(netns: str, commands: list[str]) -> None:
+async def _batch(netns: str, commands: list[str], *, force: bool = False) -> None:
+    """Run `ip` commands in `netns`; with `force`, go on past failing ones."""
     proc = await asyncio.create_subprocess_exec(
         "ip",
         "-n",
         netns,
+        *(["-force"] if force else []),
         "-batch",
         "-",
         stdin=asyncio.subprocess.PIPE,

@@ -41,7 +41,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from staticegress.controlplane.binaries import Binaries, ensure_binaries
-from staticegress.controlplane.cluster import ControlPlane
+from staticegress.controlplane.cluster import ControlPlane, pid_alive
 from staticegress.k8s.client import REQUEST_TIMEOUT, api_client
 from staticegress.k8s.crd import install_crd
 from staticegress.k8s.manifests import deploy_dir
@@ -55,7 +55,6 @@ from staticegress.lab.netns import (
     kill_pids,
     netns_exists,
     netns_list,
-    pid_alive,
     run,
     sysctl,
 )
@@ -672,6 +671,13 @@ def status() -> str:
     return "\n".join(lines)
 
 
+def _node(state: LabState, name: str) -> plan.NodePlan:
+    try:
+        return plan.node_by_name(name, state.nodes)
+    except KeyError:
+        raise LabError(f"no node {name} in the lab (see `staticegress lab status`)") from None
+
+
 def _require_state() -> LabState:
     state = load_state()
     if state is None:
@@ -713,7 +719,7 @@ def node_kill(name: str, *, progress: Progress) -> None:
     require_root()
     with _locked():
         state = _require_state()
-        node = plan.node_by_name(name, state.nodes)
+        node = _node(state, name)
         pid = state.processes.get(f"kubelet/{name}", 0)
         if _ours(pid):
             kill_pids([pid], grace=0)
@@ -730,7 +736,7 @@ def node_restore(name: str, *, progress: Progress) -> None:
     require_root()
     with _locked():
         state = _require_state()
-        node = plan.node_by_name(name, state.nodes)
+        node = _node(state, name)
         _set_cable(node, True)
         if not _ours(state.processes.get(f"kubelet/{name}", 0)):
             _start_kubelet(state, node)
@@ -742,25 +748,44 @@ def node_restore(name: str, *, progress: Progress) -> None:
         progress(f"{name} restored")
 
 
-def manager_control(index: int, *, start: bool, kill: bool, progress: Progress) -> None:
-    """Stop (SIGTERM, or SIGKILL) or start one of the lab's managers."""
+def _process_control(
+    key: str,
+    label: str,
+    starter: Callable[[LabState], None],
+    *,
+    start: bool,
+    kill: bool,
+    progress: Progress,
+) -> None:
+    """Start one lab process, or stop it with SIGTERM (or SIGKILL, as a crash would)."""
     require_root()
     with _locked():
         state = _require_state()
-        key = f"manager/{index}"
         pid = state.processes.get(key, 0)
         if start:
             if not _ours(pid):
-                _start_manager(state, index)
-            progress(f"manager {index} running (pid {state.processes[key]})")
+                starter(state)
+            progress(f"{label} running (pid {state.processes[key]})")
         else:
             if _ours(pid):
                 if kill:
                     os.kill(pid, signal.SIGKILL)
                 else:
                     kill_pids([pid])
-            progress(f"manager {index} stopped{' with SIGKILL' if kill else ''}")
+            progress(f"{label} stopped{' with SIGKILL' if kill else ''}")
         _save_state(state)
+
+
+def manager_control(index: int, *, start: bool, kill: bool, progress: Progress) -> None:
+    """Stop or start one of the lab's managers."""
+    _process_control(
+        f"manager/{index}",
+        f"manager {index}",
+        lambda state: _start_manager(state, index),
+        start=start,
+        kill=kill,
+        progress=progress,
+    )
 
 
 def apiserver_control(*, start: bool, progress: Progress) -> None:
@@ -773,27 +798,17 @@ def apiserver_control(*, start: bool, progress: Progress) -> None:
 
 
 def agent_control(name: str, *, start: bool, kill: bool, progress: Progress) -> None:
-    """Stop (SIGTERM, or SIGKILL like a crash) or start one node's agent."""
-    require_root()
-    with _locked():
-        state = _require_state()
-        node = plan.node_by_name(name, state.nodes)
-        key = f"agent/{name}"
-        pid = state.processes.get(key, 0)
-        if start:
-            if _ours(pid):
-                progress(f"the agent of {name} is already running (pid {pid})")
-                return
-            _start_agent(state, node)
-            progress(f"agent of {name} started (pid {state.processes[key]})")
-        else:
-            if _ours(pid):
-                if kill:
-                    os.kill(pid, signal.SIGKILL)
-                else:
-                    kill_pids([pid])
-            progress(f"agent of {name} stopped{' with SIGKILL' if kill else ''}")
-        _save_state(state)
+    """Stop or start one node's agent; stopping leaves its dataplane in place."""
+    state = _require_state()
+    node = _node(state, name)
+    _process_control(
+        f"agent/{name}",
+        f"the agent of {name}",
+        lambda state: _start_agent(state, node),
+        start=start,
+        kill=kill,
+        progress=progress,
+    )
 
 
 def node_partition(name: str, *, heal: bool, progress: Progress) -> None:
@@ -801,7 +816,7 @@ def node_partition(name: str, *, heal: bool, progress: Progress) -> None:
     require_root()
     with _locked():
         state = _require_state()
-        node = plan.node_by_name(name, state.nodes)
+        node = _node(state, name)
         _set_cable(node, heal)
         state.partitioned = [n for n in state.partitioned if n != name]
         if not heal:

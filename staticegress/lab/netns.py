@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from staticegress.controlplane.cluster import pid_alive
+
 
 class LabError(RuntimeError):
     """A lab step failed; the message says which command and why."""
@@ -83,20 +85,6 @@ def pids_in(netns: str) -> list[int]:
     """Processes whose network namespace is `netns`."""
     out = run("ip", "netns", "pids", netns, check=False)
     return [int(p) for p in out.split()]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def kill_pids(pids: list[int], *, grace: float = 3.0) -> None:

@@ -183,3 +183,8 @@ def test_incompatible_tunnel_is_recreated(netns: str) -> None:
     assert not res.errors
     assert asyncio.run(applier.link_info("segress0"))["vni"] == 4097  # type: ignore[index]
     assert res.removed == 1
+
+
+def test_reference_table_in_nft_dir_is_current() -> None:
+    reference = Path(__file__).parents[2] / "nft" / "example-director-and-gateway.nft"
+    assert reference.read_text() == (GOLDEN / "mixed.node-1.vxlan.nft").read_text()
