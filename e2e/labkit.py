@@ -3,12 +3,13 @@ command line, talk to it with kubectl, run programs in its nodes and pods."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,6 +129,40 @@ class Lab:
             and p["status"].get("podIP")
         ]
         return ready if len(ready) == count and len(pods) == count else None
+
+
+@contextlib.contextmanager
+def pod_server(
+    target: str, address: str, *, http_port: int = 8080, udp_port: int = 9001
+) -> Iterator[None]:
+    """Run the lab's echo servers inside a pod for the duration of the block."""
+    proc = subprocess.Popen(
+        [
+            *STATICEGRESS,
+            "lab",
+            "exec",
+            target,
+            "--",
+            sys.executable,
+            "-m",
+            "staticegress",
+            "lab",
+            "serve",
+            "--address",
+            address,
+            "--http-port",
+            str(http_port),
+            "--udp-port",
+            str(udp_port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def spread_deployment(

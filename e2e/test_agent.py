@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from e2e.labkit import STATICEGRESS, Lab, require_root, spread_deployment, staticegress, wait_for
+from e2e.labkit import (
+    STATICEGRESS,
+    Lab,
+    pod_server,
+    require_root,
+    spread_deployment,
+    staticegress,
+    wait_for,
+)
 from staticegress.controlplane.binaries import Binaries
 from staticegress.lab import lab as lablib
 from staticegress.lab import plan
@@ -211,38 +219,13 @@ def test_pod_to_pod_traffic_is_untouched(world: dict[str, Any]) -> None:
     lab: Lab = world["lab"]
     client, server = world["frontend"]["node-1"], world["plain"]["node-3"]
     server_ip = server["status"]["podIP"]
-    proc = subprocess.Popen(
-        [
-            *STATICEGRESS,
-            "lab",
-            "exec",
-            target(server),
-            "--",
-            sys.executable,
-            "-m",
-            "staticegress",
-            "lab",
-            "serve",
-            "--address",
-            server_ip,
-            "--http-port",
-            "8080",
-            "--udp-port",
-            "9001",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with pod_server(target(server), server_ip):
         seen = wait_for(
             "pod-to-pod",
             lambda: lab.http_source(target(client), server_ip, 8080) or None,
             seconds=15,
         )
         assert seen == client["status"]["podIP"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_cni_egress_policy_still_applies(world: dict[str, Any]) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
-import sys
 import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 
-from e2e.labkit import STATICEGRESS, Lab, spread_deployment, staticegress, wait_for
+from e2e.labkit import Lab, pod_server, spread_deployment, staticegress, wait_for
 from staticegress.lab import plan
 
 pytestmark = pytest.mark.lab
@@ -93,30 +92,8 @@ def test_pod_to_pod_across_nodes_keeps_the_pod_ip(lab: Lab, web: list[dict[str, 
     client, server = web[0], web[1]
     assert client["spec"]["nodeName"] != server["spec"]["nodeName"]
     server_ip = server["status"]["podIP"]
-    proc = subprocess.Popen(
-        [
-            *STATICEGRESS,
-            "lab",
-            "exec",
-            f"default/{server['metadata']['name']}",
-            "--",
-            sys.executable,
-            "-m",
-            "staticegress",
-            "lab",
-            "serve",
-            "--address",
-            server_ip,
-            "--http-port",
-            "8080",
-            "--udp-port",
-            "9001",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        target = f"default/{client['metadata']['name']}"
+    target = f"default/{client['metadata']['name']}"
+    with pod_server(f"default/{server['metadata']['name']}", server_ip):
         seen = wait_for(
             "pod-to-pod HTTP",
             lambda: lab.http_source(target, server_ip, 8080) or None,
@@ -125,9 +102,6 @@ def test_pod_to_pod_across_nodes_keeps_the_pod_ip(lab: Lab, web: list[dict[str, 
         # No masquerade inside the cluster: the server sees the client pod itself.
         assert seen == client["status"]["podIP"]
         assert lab.udp_echo(target, "x", server_ip, 9001) == f"{client['status']['podIP']} x"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_deleted_pods_are_torn_down(lab: Lab) -> None:

@@ -147,7 +147,7 @@ class Agent:
         self.uplink: Uplink | None = None
         self.node_ip: IPv4Address | None = None
         self.first_sync = asyncio.Event()
-        self._reported_invalid: set[tuple[str, int]] = set()
+        self._reported_invalid: set[tuple[EgressIPRef, int]] = set()
         self._announcing: set[asyncio.Task[None]] = set()
         self.last_compute_seconds = 0.0
         self.parse_cache = ParseCache()

@@ -24,6 +24,7 @@ from staticegress.controlplane.binaries import ensure_binaries
 from staticegress.k8s import manifests
 from staticegress.lab import lab, plan
 from staticegress.lab.netns import LabError
+from staticegress.lab.probe import probe_command
 
 WORKLOADS = """
 apiVersion: apps/v1
@@ -203,21 +204,9 @@ def _failover(kubectl: _Kubectl, pods: list[dict[str, Any]], gateway: str) -> No
     )
     argv = lab.exec_argv(
         target,
-        [
-            sys.executable,
-            "-m",
-            "staticegress",
-            "lab",
-            "probe-run",
-            "--server",
-            str(plan.SERVER_IPS[0]),
-            "--port",
-            str(plan.UDP_PORT),
-            "--interval",
-            "0.01",
-            "--duration",
-            "4",
-        ],
+        probe_command(
+            server=str(plan.SERVER_IPS[0]), port=plan.UDP_PORT, interval=0.01, duration=4
+        ),
     )
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     time.sleep(1.0)

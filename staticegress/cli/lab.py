@@ -12,7 +12,7 @@ from pathlib import Path
 from staticegress.controlplane.binaries import COMPONENTS, find
 from staticegress.lab import lab, plan
 from staticegress.lab.kubelet import run_kubelet
-from staticegress.lab.probe import run_probe
+from staticegress.lab.probe import probe_command, run_probe
 from staticegress.lab.servers import serve
 
 
@@ -56,21 +56,9 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    inner = [
-        sys.executable,
-        "-m",
-        "staticegress",
-        "lab",
-        "probe-run",
-        "--server",
-        args.server,
-        "--port",
-        str(args.port),
-        "--interval",
-        str(args.interval),
-        "--duration",
-        str(args.duration),
-    ]
+    inner = probe_command(
+        server=args.server, port=args.port, interval=args.interval, duration=args.duration
+    )
     argv = lab.exec_argv(args.target, inner)
     os.execvp(argv[0], argv)
 

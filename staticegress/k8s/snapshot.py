@@ -18,6 +18,7 @@ from staticegress.api.core import (
     parse_pod,
     parse_service,
 )
+from staticegress.api.types import EgressIPRef, StaticEgressIP
 from staticegress.api.v1alpha1 import InvalidSpecError, parse_static_egress_ip
 from staticegress.model.desired import Snapshot
 
@@ -28,9 +29,10 @@ Store = Mapping[str, Mapping[str, Any]]
 class Invalid:
     """A StaticEgressIP that breaks the API's rules, with the parser's words."""
 
-    ref: str
+    ref: EgressIPRef
     generation: int
     error: str
+    """Every offending field and why, e.g. `spec.rules[0].egressip: must be ...`."""
 
 
 class ParseCache:
@@ -58,12 +60,15 @@ class ParseCache:
         return out
 
 
-def _parse_policy(obj: Mapping[str, Any]) -> Any:
+def parse_policy(obj: Mapping[str, Any]) -> StaticEgressIP | Invalid:
+    """A StaticEgressIP, or what is wrong with it: never an exception."""
     try:
         return parse_static_egress_ip(obj)
     except InvalidSpecError as exc:
         meta = obj.get("metadata") or {}
-        return Invalid(exc.ref, int(meta.get("generation") or 0), str(exc))
+        ref = EgressIPRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
+        detail = "; ".join(f"{path}: {msg}" for path, msg in exc.errors)
+        return Invalid(ref, int(meta.get("generation") or 0), detail)
 
 
 def build_snapshot(
@@ -81,7 +86,7 @@ def build_snapshot(
     def parsed(kind: str, store: Store, parse: Callable[[Any], Any]) -> tuple[Any, ...]:
         return tuple(sorted(x for x in cache.parse_all(kind, store, parse) if x is not None))
 
-    results = cache.parse_all("policies", policies, _parse_policy)
+    results = cache.parse_all("policies", policies, parse_policy)
     valid = [r for r in results if not isinstance(r, Invalid)]
     invalid = [r for r in results if isinstance(r, Invalid)]
     endpoints: dict[tuple[str, str], set[Any]] = {}

@@ -13,6 +13,7 @@ import contextlib
 import json
 import select
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +37,25 @@ class ProbeResult:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "lost": self.lost})
+
+
+def probe_command(*, server: str, port: int, interval: float, duration: float) -> list[str]:
+    """The argv that runs the prober (`lab probe-run`); `lab exec` wraps it for a pod."""
+    return [
+        sys.executable,
+        "-m",
+        "staticegress",
+        "lab",
+        "probe-run",
+        "--server",
+        server,
+        "--port",
+        str(port),
+        "--interval",
+        str(interval),
+        "--duration",
+        str(duration),
+    ]
 
 
 def run_probe(

@@ -33,18 +33,13 @@ from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
 from staticegress.agent.sync import SyncRunner
 from staticegress.api.core import Node, parse_node, parse_service
-from staticegress.api.types import EgressIPRef, NodeName, StaticEgressIP
-from staticegress.api.v1alpha1 import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    InvalidSpecError,
-    parse_static_egress_ip,
-)
+from staticegress.api.types import NodeName
+from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.k8s.client import REQUEST_TIMEOUT
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
+from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy
 from staticegress.manager.leader import LeaderElector
 from staticegress.model.assign import (
     DEFAULT_GATEWAY_LABEL,
@@ -132,6 +127,7 @@ class Manager:
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0),
         )
         self._node_ips: dict[NodeName, IPv4Address] = {}
+        self.parse_cache = ParseCache()
 
     def _leadership(self, leader: bool) -> None:
         self.metrics.set("leader", 1 if leader else 0)
@@ -205,24 +201,12 @@ class Manager:
             for s in (parse_service(o) for o in self.reflectors["services"].store.values())
             if s is not None
         )
-        policies: list[StaticEgressIP] = []
-        raws: dict[str, dict[str, Any]] = {}
-        results: list[PolicyResult] = []
-        for obj in self.reflectors["staticegressips"].store.values():
-            meta = obj.get("metadata") or {}
-            key = f"{meta.get('namespace')}/{meta.get('name')}"
-            raws[key] = obj
-            try:
-                policies.append(parse_static_egress_ip(obj))
-            except InvalidSpecError as exc:
-                ref = EgressIPRef(str(meta.get("namespace")), str(meta.get("name")))
-                results.append(
-                    invalid_result(
-                        ref,
-                        int(meta.get("generation") or 0),
-                        "; ".join(f"{p}: {m}" for p, m in exc.errors),
-                    )
-                )
+        store = self.reflectors["staticegressips"].store
+        parsed = self.parse_cache.parse_all("policies", store, parse_policy)
+        policies = [p for p in parsed if not isinstance(p, Invalid)]
+        results: list[PolicyResult] = [
+            invalid_result(p.ref, p.generation, p.error) for p in parsed if isinstance(p, Invalid)
+        ]
         now = dt.datetime.now(dt.UTC)
         results += assign_gateways(
             policies,
@@ -233,7 +217,8 @@ class Manager:
             default_label=self.opts.default_label,
         )
         for result in results:
-            await self._write(result, raws[str(result.ref)], now)
+            # The store is keyed namespace/name, as the ref prints.
+            await self._write(result, store[str(result.ref)], now)
 
     async def _write(self, result: PolicyResult, obj: dict[str, Any], now: dt.datetime) -> None:
         current = obj.get("status") or {}

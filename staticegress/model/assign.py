@@ -26,6 +26,7 @@ from typing import Any
 
 from staticegress.api.core import Node
 from staticegress.api.types import (
+    EgressIPAssignment,
     EgressIPRef,
     EgressRule,
     IPAddress,
@@ -34,15 +35,6 @@ from staticegress.api.types import (
 )
 
 DEFAULT_GATEWAY_LABEL = ("staticegress.io/gateway", "true")
-
-
-@dataclass(frozen=True)
-class Assignment:
-    egress_ip: IPAddress
-    rule: int
-    gateway: NodeName | None
-    since: datetime | None
-    standbys: tuple[NodeName, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,7 +51,7 @@ class PolicyResult:
 
     ref: EgressIPRef
     generation: int
-    assignments: tuple[Assignment, ...]
+    assignments: tuple[EgressIPAssignment, ...]
     conditions: tuple[ConditionOut, ...]
     events: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
     """(type, reason, message) to record because of this change."""
@@ -113,7 +105,7 @@ def assign_gateways(
     results = []
     for pol in ordered:
         current = {a.egress_ip: a for a in pol.status.egress_ips}
-        assignments: list[Assignment] = []
+        assignments: list[EgressIPAssignment] = []
         events: list[tuple[str, str, str]] = []
         problems: list[tuple[str, str]] = []
         for rule in pol.spec.rules:
@@ -136,7 +128,7 @@ def assign_gateways(
                     problems.append(
                         ("EgressIPConflict", f"{eip} is already claimed by {owner[eip]}")
                     )
-                    assignments.append(Assignment(eip, rule.index, None, None))
+                    assignments.append(EgressIPAssignment(eip, rule.index, None, None))
                     continue
                 ranked = rank(eip, eligible)
                 if old is not None and old.gateway in eligible:
@@ -153,7 +145,7 @@ def assign_gateways(
                         events.append(
                             ("Warning", "NoEligibleGateway", f"{eip} has no eligible gateway")
                         )
-                    assignments.append(Assignment(eip, rule.index, None, None))
+                    assignments.append(EgressIPAssignment(eip, rule.index, None, None))
                     continue
                 used.add(gw)
                 since = old.since if old is not None and old.gateway == gw else now
@@ -164,7 +156,7 @@ def assign_gateways(
                         ("Warning", "GatewayFailover", f"{eip} moved from {old.gateway} to {gw}")
                     )
                 standbys = tuple(n for n in ranked if n != gw)[:2]
-                assignments.append(Assignment(eip, rule.index, gw, since, standbys))
+                assignments.append(EgressIPAssignment(eip, rule.index, gw, since, standbys))
         results.append(
             PolicyResult(
                 ref=pol.ref,
@@ -178,7 +170,7 @@ def assign_gateways(
 
 
 def _conditions(
-    assignments: list[Assignment], problems: list[tuple[str, str]]
+    assignments: list[EgressIPAssignment], problems: list[tuple[str, str]]
 ) -> tuple[ConditionOut, ...]:
     missing = [a for a in assignments if a.gateway is None]
     if missing:
