@@ -2,7 +2,14 @@
 
 Root tasks, in one TaskGroup (if one dies, the process dies and is restarted):
 six reflectors (StaticEgressIPs, Pods, Nodes, Services, EndpointSlices,
-Namespaces), the SyncRunner, and the health server.
+Namespaces), the SyncRunner, the report writer, the nftables monitor (a
+table of ours removed or edited behind our back forces a full sync at once:
+`dataplane.nftmonitor`), and the health server.
+
+After every successful sync the agent publishes what it programmed (the
+generation of each relevant StaticEgressIP, and whether it is fenced) to its
+report Lease, for the manager's `Programmed` condition; the sync only hands
+the record over and never waits for that write (`k8s.agentreport`).
 
 Every watch callback only pokes the runner; `sync()` recomputes everything
 from the stores. Nothing is programmed before every reflector has completed
@@ -26,32 +33,43 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Literal
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from typing import Any, Literal, Protocol
 
 from kubernetes_asyncio import client
 
-from staticegress.agent.health import HealthState
+from staticegress.agent.health import HealthState, watches_heard
 from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
+from staticegress.agent.ownership import OwnershipKeeper
 from staticegress.agent.sync import SyncRunner, TemporaryError
+from staticegress.agent.transport import choose_transport
 from staticegress.api.core import parse_node
 from staticegress.api.types import EgressIPRef, IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
 from staticegress.dataplane.conntrack import flush_pods
+from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.dataplane.host import Uplink, announce, find_uplink, prepare_sysctls
-from staticegress.dataplane.netlink import NetlinkApplier
+from staticegress.dataplane.lease import NftLease
+from staticegress.dataplane.netlink import ApplyResult, NetlinkApplier
 from staticegress.dataplane.netns import NetnsRunner
 from staticegress.dataplane.nft import NftApplier, NftError
+from staticegress.dataplane.nftmonitor import WatchedNftApplier
 from staticegress.dataplane.transport import detect_transport
+from staticegress.k8s.agentreport import AgentReporter, LeaseReportWriter
+from staticegress.k8s.client import REQUEST_TIMEOUT
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
 from staticegress.k8s.snapshot import Invalid, ParseCache, build_snapshot
 from staticegress.model.desired import AgentConfig, DesiredState, Snapshot, compute_desired
-from staticegress.render.netlink import RoutingConfig, render_netlink
+from staticegress.model.programmed import AgentRecord, agent_record
+from staticegress.render.lease import delete_lease_tables, render_lease_tables
+from staticegress.render.netlink import NetlinkSpec, RoutingConfig, render_netlink
 from staticegress.render.nft import TUNNEL, MarkLayout, delete_table_batch, render_ruleset
 
 log = logging.getLogger(__name__)
@@ -70,21 +88,64 @@ class AgentOptions:
     min_sync_interval: float = 0.05
     resync_interval: float = 60.0
     max_pending: float = 30.0
-    watch_grace: float = 120.0
+    watch_silence: float = 10.0
+    """/healthz fails while a watch has not heard the API server for this long
+    (a report only: nothing restarts or clears anything over it)."""
     marks: MarkLayout = field(default_factory=MarkLayout)
     table_base: int = 7300
     rule_priority: int = 100
     netns: str | None = None
     """Drive this named network namespace from outside (tests); None: our own."""
-    fence_after: float = 1.0
-    """Withdraw owned egress IPs after this long without an answer from any peer
-    (0 disables fencing)."""
-    rejoin_after: float = 3.0
-    peer_interval: float = 0.2
+    ownership: Literal["grants", "status-only"] = "grants"
+    """`grants`: hold an egress IP only while a manager's grant (or a status
+    read-back) covers it, enforced by the kernel (docs/fault-model.md).
+    `status-only`: the status alone decides; for clusters without managers
+    (tests), and unsafe under partitions."""
+    grant_key: bytes | None = None
+    """The cluster's grant key; required with `grants`."""
+    grant_port: int = GRANT_PORT
+    grant_address: str | None = None
+    """Where to accept grants; known before the watches have listed (from the
+    downward API), the agent renews what its kernel still holds right after a
+    restart. None: the node's InternalIP, once the Node is listed."""
+    peer_interval: float = 0.1
+    """Peer ICMP probes; what they hear within 3 intervals goes into every ack."""
+    namespace: str = "staticegress-system"
+    """The agent's own namespace: where the cluster's transport record lives."""
+    report_namespace: str = "staticegress-system"
+    """Where this node's agent report (a Lease) is written for the manager."""
+
+
+class NftPort(Protocol):
+    """The nftables side of the dataplane (a `WatchedNftApplier`, or a fake)."""
+
+    async def apply(self, batch: dict[str, Any]) -> None: ...
+
+    async def apply_text(self, text: str) -> None: ...
+
+    async def run(self, cmd: dict[str, Any]) -> Any: ...
+
+    async def watch(self) -> None: ...
+
+
+class NetlinkPort(Protocol):
+    """Routes, rules, links and addresses (a `NetlinkApplier`, or a fake)."""
+
+    async def apply(self, spec: NetlinkSpec, *, phase: str) -> ApplyResult: ...
 
 
 class Agent:
-    def __init__(self, api: client.ApiClient, opts: AgentOptions) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        opts: AgentOptions,
+        *,
+        nft: NftPort | None = None,
+        netlink: NetlinkPort | None = None,
+        announcer: Callable[[IPv4Address], Coroutine[Any, Any, None]] | None = None,
+        flusher: Callable[[list[IPv4Address], list[IPv4Network]], Awaitable[int]] | None = None,
+    ) -> None:
+        """`nft`, `netlink`, `announcer` and `flusher` stand in for the kernel in tests."""
         self.api = api
         self.opts = opts
         self.node = NodeName(opts.node)
@@ -117,8 +178,16 @@ class Agent:
             "namespaces": Reflector(name="namespaces", list_fn=core.list_namespace, on_change=poke),
         }
         self.netns_runner = NetnsRunner(opts.netns)
-        self.nft = NftApplier(self.netns_runner)
-        self.netlink = NetlinkApplier(netns=opts.netns)
+        # Every batch goes through the watchdog, which forces a full sync the
+        # moment one of our tables is removed or changed behind our back.
+        self.nft: NftPort = nft or WatchedNftApplier(
+            self.netns_runner,
+            on_drift=lambda: self.runner.poke(force=True),
+            on_restored=self._nft_restored,
+        )
+        self.netlink: NetlinkPort = netlink or NetlinkApplier(netns=opts.netns)
+        self._announce = announcer or self._garp
+        self._flush = flusher or self._flush_conntrack
         self.events = EventRecorder(api, component="staticegress-agent", host=opts.node)
         self.metrics = Registry()
         for name, kind, help in (
@@ -129,8 +198,18 @@ class Agent:
             ("rules_programmed", "gauge", "Rules with at least one pod programmed here."),
             ("egress_ips_owned", "gauge", "Egress IPs this node holds."),
             ("problems", "gauge", "StaticEgressIP problems this node cannot program."),
-            ("fences_total", "counter", "Times this node withdrew its egress IPs, cut off."),
+            (
+                "fences_total",
+                "counter",
+                "Times this node began to withhold egress IPs it is named for.",
+            ),
             ("fenced", "gauge", "1 while this node withholds its egress IPs."),
+            ("nft_restores_total", "counter", "Our nftables tables restored after outside edits."),
+            (
+                "nft_last_restore_seconds",
+                "gauge",
+                "Time from noticing the last outside edit of our tables to their repair.",
+            ),
             (
                 "last_successful_sync_timestamp_seconds",
                 "gauge",
@@ -152,11 +231,31 @@ class Agent:
         self.last_compute_seconds = 0.0
         self.parse_cache = ParseCache()
         self.withheld: frozenset[IPAddress] = frozenset()
+        """Egress IPs the status gives this node that it does not hold (no live grant)."""
+        self._used_paths: dict[IPv4Address, object] = {}
+        """Local pod -> the last path its traffic took that was not `drop`."""
         self.prober = Prober(interval=opts.peer_interval, down_after=3, up_after=2)
-        self._fenced_at: float | None = None
-        self._heard_since: float | None = None
-        self._probing_since: float | None = None
-        self._relists_at_heal = 0
+        self._peer_names: dict[IPv4Address, NodeName] = {}
+        self._custom = custom
+        self.keeper: OwnershipKeeper | None = None
+        if opts.ownership == "grants":
+            if opts.grant_key is None:
+                raise ValueError("ownership by grants needs the cluster's grant key")
+            self.keeper = OwnershipKeeper(
+                node=self.node,
+                key=opts.grant_key,
+                kernel=NftLease(self.nft),
+                on_change=poke,
+                peers=self._peers_heard,
+                readback=self._read_back,
+                on_rejoin=self.reflectors["staticegressips"].request_relist,
+            )
+        # What the current sync will have programmed once it succeeds; published
+        # (never awaited) from _record, so the sync never waits for the API.
+        self._report_next: AgentRecord | None = None
+        self.reporter = AgentReporter(
+            LeaseReportWriter(api, namespace=opts.report_namespace, node=self.node)
+        )
 
     # ----------------------------------------------------------------- main
 
@@ -164,12 +263,25 @@ class Agent:
         async with asyncio.TaskGroup() as tg:
             for r in self.reflectors.values():
                 tg.create_task(r.run(), name=f"reflector-{r.name}")
+            early = self.keeper is not None and self.opts.grant_address is not None
+            if self.keeper is not None and early:
+                # Before the lists: a restart renews what the kernel still holds.
+                tg.create_task(self._run_keeper(self.keeper), name="grants")
             await self._wait_synced()
             await self._discover()
             tg.create_task(self.runner.run(), name="sync")
-            if self.opts.fence_after > 0:
-                tg.create_task(self.prober.run(), name="peer-prober")
-                tg.create_task(self._fence_loop(), name="fence")
+            tg.create_task(self.nft.watch(), name="nft-monitor")
+            tg.create_task(self.reporter.run(), name="report")
+            tg.create_task(self.prober.run(), name="peer-prober")
+            tg.create_task(self._peer_loop(), name="peers")
+            if self.keeper is not None and not early:
+                tg.create_task(self._run_keeper(self.keeper), name="grants")
+            elif self.keeper is None:
+                log.warning(
+                    "node=%s ownership=status-only: egress IPs follow the status alone; "
+                    "a partitioned gateway keeps its IPs (no managers' grants)",
+                    self.node,
+                )
             if self.opts.health_port:
                 host = self.opts.health_address or str(self.node_ip)
                 await serve_health(
@@ -198,19 +310,25 @@ class Agent:
             await asyncio.sleep(1)
         self.node_ip = node.internal_ip
         self.uplink = await find_uplink(node.internal_ip, netns=self.opts.netns)
-        if self.opts.transport == "auto":
-            nodes = [
-                n
-                for n in (parse_node(o) for o in self.reflectors["nodes"].store.values())
-                if n is not None
-            ]
-            self.transport, why = await detect_transport(
-                nodes, me=self.node, uplink=self.uplink.name, netns=self.opts.netns
-            )
-            log.info("node=%s transport=%s (auto: %s)", self.node, self.transport, why)
-        else:
-            self.transport = self.opts.transport
-            log.info("node=%s transport=%s (flag)", self.node, self.transport)
+        nodes = [
+            n
+            for n in (parse_node(o) for o in self.reflectors["nodes"].store.values())
+            if n is not None
+        ]
+        uplink = self.uplink.name
+        # One transport for the whole cluster: our detection only proposes.
+        decision = await choose_transport(
+            self.api,
+            node=self.node,
+            node_uid=str(((obj or {}).get("metadata") or {}).get("uid", "")),
+            namespace=self.opts.namespace,
+            flag=self.opts.transport,
+            detect=lambda: detect_transport(
+                nodes, me=self.node, uplink=uplink, netns=self.opts.netns
+            ),
+            metrics=self.metrics,
+        )
+        self.transport = decision.transport
         # The tunnel's own setting is made once the first sync has created it.
         await prepare_sysctls(self.netns_runner, uplink=self.uplink.name, tunnel=None)
 
@@ -233,7 +351,19 @@ class Agent:
             cluster_cidrs=self.opts.cluster_cidrs,
             max_slots=self.opts.marks.max_slots,
         )
-        desired = compute_desired(snap, config, previous_slots=self.slots, withheld=self.withheld)
+        desired = compute_desired(
+            snap,
+            config,
+            previous_slots=self.slots,
+            granted=self.keeper.held_now() if self.keeper is not None else None,
+        )
+        withheld = frozenset(desired.named) - frozenset(desired.owned)
+        if withheld and not self.withheld:
+            self.metrics.inc("fences_total")
+        self.withheld = withheld
+        if self.keeper is not None:
+            self.keeper.set_mine(frozenset(desired.named))
+        self.metrics.set("fenced", 1 if self.withheld else 0)
         return desired, invalid, snap
 
     async def sync(self, force: bool) -> None:
@@ -243,6 +373,9 @@ class Agent:
         assert self.node_ip is not None
         start = time.perf_counter()
         desired, invalid, snap = self.compute()
+        self._report_next = agent_record(
+            node=self.node, policies=snap.policies, desired=desired, withheld=self.withheld
+        )
         self.last_compute_seconds = time.perf_counter() - start
         self.metrics.inc("syncs_total")
         await self._report(desired, invalid, {p.ref: p.uid for p in snap.policies})
@@ -259,6 +392,13 @@ class Agent:
         )
         spec = render_netlink(desired, transport=self.transport, cfg=routing)
         batch = render_ruleset(desired, transport=self.transport, marks=self.opts.marks)
+        # The lease tables ride in the same transaction: created if missing,
+        # gating every IP we are named for or still have as an address.
+        if self.keeper is not None:
+            gated = set(desired.named) | set(self.applied.owned if self.applied else ())
+            batch["nftables"] += render_lease_tables(gated)
+        else:
+            batch["nftables"] += delete_lease_tables()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("node=%s ruleset=%s", self.node, batch)
         errors: list[str] = []
@@ -274,7 +414,7 @@ class Agent:
         fin = await self.netlink.apply(spec, phase="finish")
         errors += fin.errors or []
         for ip in fin.new_addresses:
-            task = asyncio.create_task(announce(self.netns_runner, self.uplink, ip))
+            task = asyncio.create_task(self._announce(ip))
             self._announcing.add(task)
             task.add_done_callback(self._announcing.discard)
             log.info("node=%s took egress IP %s; announcing it", self.node, ip)
@@ -296,6 +436,13 @@ class Agent:
             ",".join(f"{g.node}:{g.slot}" for g in desired.gateways) or "-",
         )
 
+    async def _flush_conntrack(self, pods: list[IPv4Address], keep: list[IPv4Network]) -> int:
+        return await self.netns_runner.run(lambda: flush_pods(pods, keep))
+
+    async def _garp(self, ip: IPv4Address) -> None:
+        assert self.uplink is not None
+        await announce(self.netns_runner, self.uplink, ip)
+
     def _paths(self, desired: DesiredState) -> dict[IPv4Address, object]:
         """Local pod -> where its steered traffic goes (a gateway node, here, or nowhere)."""
         by_slot = {g.slot: g.node for g in desired.gateways}
@@ -308,18 +455,30 @@ class Agent:
         return out
 
     async def _forget_moved_flows(self, desired: DesiredState) -> None:
+        """Reset the connections of pods whose egress path now differs from the
+        last path they actually used: their NAT binding was made for that path.
+
+        A pass through `drop` (a handoff waiting for its grant) leaves the old
+        bindings in place, so the comparison is with the last path that was not
+        `drop`, not with the previous sync."""
+        after = self._paths(desired)
         if self.applied is None:
-            return  # at start-up the kernel's connections match what is programmed
-        before, after = self._paths(self.applied), self._paths(desired)
+            # At start-up the kernel's connections match what is programmed.
+            self._used_paths = {ip: p for ip, p in after.items() if p != "drop"}
+            return
         moved = sorted(
             ip
             for ip, path in after.items()
-            if ip in before and before[ip] != path and "drop" not in (path, before[ip])
+            if path != "drop" and ip in self._used_paths and self._used_paths[ip] != path
         )
+        self._used_paths = {
+            ip: (path if path != "drop" else self._used_paths.get(ip, path))
+            for ip, path in after.items()
+            if path != "drop" or ip in self._used_paths
+        }
         if not moved:
             return
-        keep = list(desired.cluster)
-        removed = await self.netns_runner.run(lambda: flush_pods(moved, keep))
+        removed = await self._flush(moved, list(desired.cluster))
         log.info(
             "node=%s egress path changed for %d pods: %d connections reset",
             self.node,
@@ -336,6 +495,8 @@ class Agent:
         m.set("egress_ips_owned", len(desired.owned))
         m.set("problems", len(desired.problems))
         m.set("last_successful_sync_timestamp_seconds", time.time())
+        if self._report_next is not None:
+            self.reporter.publish(self._report_next)
         self.first_sync.set()
 
     async def _report(
@@ -352,9 +513,9 @@ class Agent:
             (p.ref, uids.get(p.ref, ""), p.reason, p.message) for p in desired.problems
         )
 
-    # --------------------------------------------------------------- fencing
+    # ----------------------------------------------------------- ownership
 
-    def _peers(self) -> list[IPv4Address]:
+    def _peers(self) -> dict[IPv4Address, NodeName]:
         """Up to eight other nodes to probe, the same ones on every run."""
         nodes = [
             n
@@ -364,75 +525,76 @@ class Agent:
         ranked = sorted(
             nodes, key=lambda n: hashlib.sha256(f"{self.node}|{n.name}".encode()).digest()
         )
-        return [n.internal_ip for n in ranked[:8] if n.internal_ip is not None]
+        return {n.internal_ip: n.name for n in ranked[:8] if n.internal_ip is not None}
 
-    async def _fence_loop(self) -> None:
-        """Withdraw our egress IPs when no peer answers for `fence_after` seconds
-        (we are the one cut off), and take them back only after peers have
-        answered again for `rejoin_after` seconds, by which time the status
-        says whether the manager moved them away meanwhile."""
+    async def _peer_loop(self) -> None:
+        """Keep the peer prober's targets current. What it hears goes into every
+        ack: the managers' indirect view of our peers (docs/fault-model.md)."""
         while True:
-            await asyncio.sleep(0.1)
-            peers = self._peers()
-            self.prober.set_targets(peers)
-            now = time.monotonic()
-            if not peers:
-                self._probing_since = None
+            self._peer_names = self._peers()
+            self.prober.set_targets(self._peer_names)
+            await asyncio.sleep(1.0)
+
+    def _peers_heard(self) -> tuple[frozenset[NodeName], frozenset[NodeName]]:
+        """(peers heard in the last 3 probe rounds, peers probed but not heard)."""
+        now = time.monotonic()
+        heard: set[NodeName] = set()
+        silent: set[NodeName] = set()
+        for ip, st in self.prober.targets.items():
+            name = self._peer_names.get(ip)
+            if name is None:
                 continue
-            if self._probing_since is None:
-                self._probing_since = now
-            # Silence only counts once the probes have had time to be answered.
-            probing = now - self._probing_since >= self.opts.fence_after
-            heard = not probing or self.prober.heard_within(self.opts.fence_after)
-            owned = self.applied.owned if self.applied is not None else ()
-            if not heard and owned and self._fenced_at is None:
-                self._fenced_at = now
-                self.withheld = frozenset(owned)
-                self._heard_since = None
-                self.metrics.inc("fences_total")
-                log.warning(
-                    "node=%s cut off from every peer for %.1fs: withdrawing %s",
-                    self.node,
-                    self.opts.fence_after,
-                    ",".join(map(str, owned)),
-                )
-                self.runner.poke()
-            elif self._fenced_at is not None:
-                policies = self.reflectors["staticegressips"]
-                if not self.prober.heard_within(0.5):
-                    self._heard_since = None
-                elif self._heard_since is None:
-                    self._heard_since = now
-                    # A watch that survived the partition may deliver what it
-                    # missed only after TCP's backoff; list afresh instead.
-                    self._relists_at_heal = policies.relists
-                    policies.request_relist()
-                elif (
-                    now - self._heard_since >= self.opts.rejoin_after
-                    and policies.relists > self._relists_at_heal
-                ):
-                    log.info(
-                        "node=%s peers reachable again for %.1fs: following the status",
-                        self.node,
-                        self.opts.rejoin_after,
-                    )
-                    self._fenced_at = None
-                    self.withheld = frozenset()
-                    self.runner.poke()
-            self.metrics.set("fenced", 1 if self._fenced_at is not None else 0)
+            if now - st.last_answer <= 3 * self.opts.peer_interval:
+                heard.add(name)
+            elif not st.up:
+                silent.add(name)  # missed enough probes to count as down
+        return frozenset(heard), frozenset(silent)
+
+    async def _run_keeper(self, keeper: OwnershipKeeper) -> None:
+        host = self.opts.grant_address or str(self.node_ip)
+        port = self.opts.grant_port
+        sock = None
+        if self.opts.netns is not None:
+            # The socket must live in the namespace we drive, so make it there.
+            sock = await self.netns_runner.run(lambda: _bound_udp(host, port))
+        log.info("node=%s accepting grants on %s:%d", self.node, host, port)
+        await keeper.run(host=host, port=port, sock=sock)
+
+    async def _read_back(self, mine: frozenset[IPAddress]) -> frozenset[IPAddress]:
+        """Which of `mine` the status still gives us, read from the API server now.
+
+        A plain GET of one object is served from etcd (a quorum read), never
+        from the API server's watch cache, so a move written before the read
+        was sent is seen."""
+        store = self.reflectors["staticegressips"].store
+        confirmed: set[IPAddress] = set()
+        for key, obj in list(store.items()):
+            entries = (obj.get("status") or {}).get("egressIPs") or []
+            if not any(e.get("gateway") == self.node for e in entries):
+                continue
+            ns, name = key.split("/", 1)
+            fresh = await self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+            )
+            for e in (fresh.get("status") or {}).get("egressIPs") or []:
+                if e.get("gateway") != self.node:
+                    continue
+                try:
+                    ip = ip_address(str(e.get("egressIP")))
+                except ValueError:
+                    continue
+                if ip in mine:
+                    confirmed.add(ip)
+        return frozenset(confirmed)
 
     # ---------------------------------------------------------------- health
 
     def _watches_ok(self) -> tuple[bool, str]:
-        now = time.monotonic()
-        stale = [
-            r.name
-            for r in self.reflectors.values()
-            if not r.connected and now - r.last_connected > self.opts.watch_grace
-        ]
-        if stale:
-            return False, f"watches down for over {self.opts.watch_grace:.0f}s: {', '.join(stale)}"
-        return True, "ok"
+        return watches_heard(self.reflectors.values(), limit=self.opts.watch_silence)
+
+    def _nft_restored(self, seconds: float) -> None:
+        self.metrics.inc("nft_restores_total")
+        self.metrics.set("nft_last_restore_seconds", seconds)
 
     def _ready(self) -> tuple[bool, str]:
         if not self.first_sync.is_set():
@@ -443,12 +605,22 @@ class Agent:
         return True, "ok"
 
 
+def _bound_udp(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
 async def cleanup(*, netns: str | None, uplink: str | None) -> list[str]:
     """Remove our table and every routing object we own; return what failed."""
     runner = NetnsRunner(netns)
     errors: list[str] = []
     try:
-        await NftApplier(runner).apply(delete_table_batch())
+        batch = delete_table_batch()
+        batch["nftables"] += delete_lease_tables()
+        await NftApplier(runner).apply(batch)
     except NftError as exc:
         errors.append(f"nftables: {exc}")
     res = await NetlinkApplier(netns=netns).cleanup(uplink)

@@ -5,7 +5,8 @@ Callers only `poke()`; the runner decides when `fn` runs:
 - at least every `max_interval` even without pokes (a periodic full resync
   that repairs drift, e.g. rules someone deleted by hand);
 - after a failure, again after `retry_interval`, doubling up to
-  `max_interval`, with `force=True` so nothing is skipped as "unchanged".
+  `max_interval`, with `force=True` so nothing is skipped as "unchanged";
+- with `force=True` too after `poke(force=True)` (the table was lost).
 
 `pending_age()` tells how long the oldest change not yet applied has waited:
 health means freshness, not merely being alive. Time comes from injected
@@ -51,8 +52,12 @@ class SyncRunner:
         self.runs = 0
         self.last_success: float | None = None
 
-    def poke(self) -> None:
-        """Ask for a run; cheap, safe to call from any watch callback."""
+    def poke(self, *, force: bool = False) -> None:
+        """Ask for a run; cheap, safe to call from any watch callback. `force`:
+        apply everything even if the desired state looks unchanged (the kernel
+        lost what was applied)."""
+        if force:
+            self._force = True
         if self._pending_since is None:
             self._pending_since = self._clock()
         self._generation += 1

@@ -5,6 +5,23 @@ Only the fields the model needs survive; every address is parsed with
 unparsed string could reach nftables, which would take it for a host name and
 try to resolve it). An object that does not parse is skipped, never trusted:
 each parser returns None for it.
+
+Pods that are ending stay pods until their network is gone. A pod being
+deleted (deletionTimestamp set) still runs through its grace period, and even
+a pod that has finished (phase Succeeded or Failed) keeps its network
+namespace, and so its address, until the kubelet tears the sandbox down: the
+kernel still sends for it meanwhile (FIN and RST of its last connections,
+retransmissions). Dropping such a pod at the first sign of its end would
+either hold those packets (its IP is no longer known) or leak them (its
+selection is gone). So `parse_pod` keeps it, marked `terminating` or
+`finished`, and lets go only when the object is removed, or when the pod
+reports its sandbox gone (condition PodReadyToStartContainers=False on an
+ending pod: the kubelet tore its network down). An ending pod's address may
+then be reused by a new pod: the model gives an address to a live pod over
+an ending one.
+
+EndpointSlice endpoints count whatever their conditions: a terminating
+endpoint is a pod that still sends.
 """
 
 from __future__ import annotations
@@ -53,6 +70,15 @@ class Pod:
     """The pod's IPv4 address once the CNI gave it one (IPv6 is not steered yet)."""
     labels: tuple[tuple[str, str], ...] = ()
     host_network: bool = False
+    terminating: bool = False
+    """Deletion requested (deletionTimestamp set): still running its grace period."""
+    finished: bool = False
+    """Phase Succeeded or Failed: its containers are done, its sandbox may not be."""
+
+    @property
+    def ending(self) -> bool:
+        """On its way out: its address may be taken over by a new pod."""
+        return self.terminating or self.finished
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -81,15 +107,24 @@ class Namespace:
     labels: tuple[tuple[str, str], ...] = ()
 
 
+def _condition(status: Mapping[str, Any], kind: str) -> str | None:
+    for c in status.get("conditions") or []:
+        if isinstance(c, Mapping) and c.get("type") == kind:
+            return str(c.get("status"))
+    return None
+
+
 def parse_pod(obj: Mapping[str, Any]) -> Pod | None:
-    """A live pod; None for one that is terminating, finished or malformed."""
+    """A pod, ending ones included; None for one whose network is gone, or malformed."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     if not meta.get("name") or not meta.get("namespace"):
         return None
-    if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
-        return None
+    terminating = bool(meta.get("deletionTimestamp"))
+    finished = status.get("phase") in ("Succeeded", "Failed")
+    if (terminating or finished) and _condition(status, "PodReadyToStartContainers") == "False":
+        return None  # its sandbox, and with it its address, is gone
     ips = [status.get("podIP")] + [p.get("ip") for p in status.get("podIPs") or []]
     v4 = next((a for a in map(_ip, ips) if isinstance(a, IPv4Address)), None)
     node = spec.get("nodeName")
@@ -100,6 +135,8 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod | None:
         ip=v4,
         labels=_labels(meta),
         host_network=bool(spec.get("hostNetwork")),
+        terminating=terminating,
+        finished=finished,
     )
 
 
@@ -158,7 +195,5 @@ def endpoint_slice_addresses(
         return None
     out: list[IPv4Address] = []
     for ep in obj.get("endpoints") or []:
-        if (ep.get("conditions") or {}).get("terminating"):
-            continue
         out += [a for a in map(_ip, ep.get("addresses") or []) if isinstance(a, IPv4Address)]
     return (str(meta["namespace"]), str(service)), tuple(sorted(set(out)))

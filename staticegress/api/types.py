@@ -108,13 +108,19 @@ class StaticEgressIPSpec:
 
 @dataclass(frozen=True)
 class EgressIPAssignment:
-    """Status entry: which node owns one egress IP, and since when."""
+    """Status entry: which node owns one egress IP, and since when.
+
+    One entry per egress IP of an object, however many of its rules list it.
+    """
 
     egress_ip: IPAddress
     rule: int
+    """The first rule (index in spec.rules) that lists the egress IP."""
     gateway: NodeName | None
     since: datetime | None
     standbys: tuple[NodeName, ...] = ()
+    rules: tuple[int, ...] = ()
+    """Every rule that lists the egress IP, in order (empty when only `rule` is known)."""
 
 
 @dataclass(frozen=True)

@@ -329,6 +329,7 @@ class _AssignmentIn(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     egressIP: EgressIPStr  # noqa: N815 - the Kubernetes field name
     rule: int = 0
+    rules: list[int] = []
     gateway: str | None = None
     since: datetime | None = None
     standbys: list[str] = []
@@ -360,6 +361,7 @@ class _StatusIn(BaseModel):
                     gateway=NodeName(a.gateway) if a.gateway else None,
                     since=a.since,
                     standbys=tuple(NodeName(s) for s in a.standbys),
+                    rules=tuple(a.rules),
                 )
                 for a in self.egressIPs
             ),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from staticegress.agent.agent import Agent, AgentOptions, cleanup
 from staticegress.cli.service import run_service
+from staticegress.dataplane.grants import GRANT_PORT, load_key
 from staticegress.render.nft import MarkLayout
 
 log = logging.getLogger("staticegress.agent")
@@ -38,8 +39,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=["auto", "direct", "vxlan"],
         default="auto",
         help="direct: pod IPs are routable between nodes; vxlan: our own tunnel. "
-        "auto picks direct only if every node's pod range is routed via that "
-        "node's address on our uplink (default: auto)",
+        "auto follows the cluster's decision (ConfigMap staticegress-transport in "
+        "--namespace), which the first agent records: direct only if every node's pod "
+        "range is routed via that node's address on our uplink (default: auto)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE") or "staticegress-system",
+        help="the agent's namespace, where the cluster's transport is recorded "
+        "(default: $POD_NAMESPACE or staticegress-system)",
     )
     p.add_argument(
         "--cluster-cidr",
@@ -82,18 +90,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--table-base", type=int, default=7300, help="first routing table we use")
     p.add_argument("--rule-priority", type=int, default=100, help="priority of our ip rules")
     p.add_argument(
-        "--fence-after",
-        type=float,
-        default=1.0,
-        help="seconds without an answer from any peer node after which this node withdraws "
-        "the egress IPs it owns (0 disables; default: 1)",
+        "--ownership",
+        choices=["grants", "status-only"],
+        default="grants",
+        help="grants: hold an egress IP only while a manager's grant covers it, enforced by "
+        "the kernel (safe under partitions; see docs/fault-model.md). status-only: follow "
+        "the status alone, for clusters without managers; a partitioned gateway keeps its "
+        "IPs (default: grants)",
     )
     p.add_argument(
-        "--rejoin-after",
-        type=float,
-        default=3.0,
-        help="seconds peers must answer again before a fenced node follows the status again "
-        "(default: 3)",
+        "--grant-key-file",
+        default=os.environ.get("GRANT_KEY_FILE", "/etc/staticegress/grant/key"),
+        help="the cluster's grant key (the Secret staticegress-grant-key, mounted) "
+        "(default: $GRANT_KEY_FILE or /etc/staticegress/grant/key)",
+    )
+    p.add_argument(
+        "--grant-port", type=int, default=GRANT_PORT, help=f"UDP port (default: {GRANT_PORT})"
+    )
+    p.add_argument(
+        "--grant-address",
+        default=os.environ.get("NODE_IP"),
+        help="address to accept grants on, known at start so a restarted agent renews at "
+        "once (default: $NODE_IP, else the node's InternalIP once listed)",
     )
     p.add_argument(
         "--cleanup",
@@ -117,6 +135,13 @@ def run(args: argparse.Namespace) -> int:
     if args.mark_mask & args.return_mark:
         print("staticegress agent: --mark-mask and --return-mark overlap", file=sys.stderr)
         return 2
+    grant_key = None
+    if args.ownership == "grants":
+        try:
+            grant_key = load_key(args.grant_key_file)
+        except (OSError, ValueError) as exc:
+            print(f"staticegress agent: cannot read the grant key: {exc}", file=sys.stderr)
+            return 2
     opts = AgentOptions(
         node=args.node,
         transport=args.transport,
@@ -128,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
         marks=MarkLayout(slot_mask=args.mark_mask, return_bit=args.return_mark),
         table_base=args.table_base,
         rule_priority=args.rule_priority,
-        fence_after=args.fence_after,
-        rejoin_after=args.rejoin_after,
+        ownership=args.ownership,
+        grant_key=grant_key,
+        grant_port=args.grant_port,
+        grant_address=args.grant_address,
+        namespace=args.namespace,
     )
 
     async def stopped() -> None:

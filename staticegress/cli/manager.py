@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from kubernetes_asyncio import client
 
 from staticegress.cli.service import run_service
+from staticegress.dataplane.grants import GRANT_PORT, load_key
 from staticegress.manager.manager import Manager, ManagerOptions
 from staticegress.model.assign import DEFAULT_GATEWAY_LABEL
 
@@ -57,6 +59,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="nodes eligible as gateways when a rule has no gateway-selector "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--grant-key-file",
+        default=os.environ.get("GRANT_KEY_FILE", "/etc/staticegress/grant/key"),
+        help="the cluster's grant key (the Secret staticegress-grant-key, mounted); grants "
+        "let gateways hold their egress IPs (default: $GRANT_KEY_FILE or "
+        "/etc/staticegress/grant/key)",
+    )
+    p.add_argument(
+        "--grant-port",
+        type=int,
+        default=GRANT_PORT,
+        help=f"agents' UDP port (default: {GRANT_PORT})",
+    )
     p.add_argument("--health-address", default="127.0.0.1")
     p.add_argument("--health-port", type=int, default=9810, help="0 disables")
     p.set_defaults(func=run)
@@ -64,6 +79,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     key, _, value = args.gateway_label.partition("=")
+    try:
+        grant_key = load_key(args.grant_key_file)
+    except (OSError, ValueError) as exc:
+        print(f"staticegress manager: cannot read the grant key: {exc}", file=sys.stderr)
+        return 2
     opts = ManagerOptions(
         identity=args.identity,
         namespace=args.namespace,
@@ -74,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         default_label=(key, value),
         health_address=args.health_address,
         health_port=args.health_port,
+        grant_key=grant_key,
+        grant_port=args.grant_port,
     )
     managers: list[Manager] = []
 

@@ -45,9 +45,23 @@ class NftApplier:
             raise NftError(str(err).strip() or f"libnftables returned {rc}")
         return out
 
+    def _run_text(self, text: str) -> None:
+        rc, _, err = self._ctx().cmd(text)
+        if rc != 0:
+            raise NftError(str(err).strip() or f"libnftables returned {rc}")
+
+    async def apply_text(self, text: str) -> None:
+        """Run nft commands in the text syntax (for what JSON cannot say, such
+        as sub-second element timeouts) as one transaction."""
+        await self._runner.run(lambda: self._run_text(text))
+
     async def apply(self, batch: dict[str, Any]) -> None:
         """Run one batch as one transaction."""
         await self._runner.run(lambda: self._run(batch))
+
+    async def run(self, cmd: dict[str, Any]) -> Any:
+        """Run one JSON command document and return libnftables' output."""
+        return await self._runner.run(lambda: self._run(cmd))
 
     async def list_table(self, family: str, name: str) -> dict[str, Any] | None:
         """The table as libnftables JSON, or None if it does not exist."""

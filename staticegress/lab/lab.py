@@ -42,6 +42,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from staticegress.controlplane.binaries import Binaries, ensure_binaries
 from staticegress.controlplane.cluster import ControlPlane, pid_alive
+from staticegress.dataplane.grants import new_key
 from staticegress.k8s.client import REQUEST_TIMEOUT, api_client
 from staticegress.k8s.crd import install_crd
 from staticegress.k8s.manifests import deploy_dir
@@ -316,6 +317,16 @@ def _start_agent(state: LabState, node: plan.NodePlan) -> None:
             str(kubeconfig),
             "--health-port",
             str(AGENT_PORT),
+            # A lab without managers (`--no-agents`: tests write statuses by
+            # hand) has nobody to grant: its agents follow the status alone.
+            *(
+                (
+                    *("--grant-key-file", str(grant_key_path())),
+                    *("--grant-address", str(node.underlay_ip)),
+                )
+                if state.agents
+                else ("--ownership", "status-only")
+            ),
         ),
     ]
     state.processes[f"agent/{node.name}"] = _spawn(f"agent/{node.name}", argv)
@@ -340,8 +351,15 @@ def _start_manager(state: LabState, index: int) -> None:
             str(plan.HOST_IP),
             "--health-port",
             str(9809 + index),
+            "--grant-key-file",
+            str(grant_key_path()),
         ),
     )
+
+
+def grant_key_path() -> Path:
+    """The lab's grant key, as a Secret mounted in every agent and manager would be."""
+    return state_dir() / "grant.key"
 
 
 def _wait_agents(
@@ -556,6 +574,8 @@ def _up(
 
     kube_dir = d / "kubeconfigs"
     kube_dir.mkdir(exist_ok=True)
+    grant_key_path().write_text(new_key() + "\n")
+    grant_key_path().chmod(0o600)
     # The agents' identity exists even when they start later (`lab agent start`).
     _apply_manifest(binaries, admin, "rbac/agent.yaml")
     minted = cp.kubeconfig_for_service_account(

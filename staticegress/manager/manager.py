@@ -1,18 +1,36 @@
 """The gateway manager: probes nodes, and (when leader) assigns gateways and owns status.
 
-Root tasks: three reflectors (StaticEgressIPs, Nodes, Services), the ICMP
-prober, the leader elector, the coalescing sync and the health server. Every
-replica probes every node, so gateways keep hearing managers while
-leadership changes hands; only the leader computes and writes.
+Root tasks: four reflectors (StaticEgressIPs, Nodes, Services, the agents'
+report Leases), the ICMP prober, the leader elector, the coalescing sync and
+the health server. Every replica probes every node that could be a gateway,
+so gateways keep hearing managers while leadership changes hands; only the
+leader computes and writes.
 
 One sync: parse every StaticEgressIP (an invalid one gets an `InvalidSpec`
 status), compute the assignment (`staticegress.model.assign`, pure), compare
-each object's desired status with the one it has, and patch only those that
-differ, checking leadership right before each write. Events follow the
+each object's desired status with the one it has, and hand those that
+differ to the status writer (`staticegress.k8s.status`), which writes each
+object on its own, checking leadership right before each write: one object
+the API server refuses is retried alone, with its own backoff, and never
+stops or delays the others. Events are queued, never awaited. `Programmed` comes
+from the agents' reports (`staticegress.model.programmed`): True only once
+the gateways and directors confirm the object's generation. Events follow the
 changes: GatewayAssigned, GatewayFailover, NoEligibleGateway.
 
-A node is healthy while it answers heartbeats and its Node is not NotReady.
-The prober starts by assuming every node healthy, so a new leader keeps the
+Ownership under partial failure (docs/fault-model.md): every replica runs a
+`GrantService` that grants the *grant map* to the candidate gateways every
+100 ms and hears their agents' acks. The leader derives that map from the
+assignment with a `HandoffPlanner` (a moved IP is granted to its new owner
+only once the old one confirmed the release, is gone for everyone, or its
+grant has surely expired) and publishes it on its Lease; standbys grant what
+was published. Node health comes from several views (`classify`): the
+leader's ICMP, the agents' acks, and what peer agents hear. If the leader's
+view is implausible (half the candidates lost at once) it freezes every
+assignment, reports `DetectorFault`, and gives the Lease up to a replica that
+sees better.
+
+The ICMP prober starts by assuming every node healthy, and acks are only
+expected once grants have been sent for a moment, so a new leader keeps the
 current assignment instead of reshuffling it while its first probes are out.
 """
 
@@ -22,7 +40,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -33,24 +51,41 @@ from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
 from staticegress.agent.sync import SyncRunner
 from staticegress.api.core import Node, parse_node, parse_service
-from staticegress.api.types import NodeName
+from staticegress.api.types import IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
+from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
-from staticegress.k8s.client import REQUEST_TIMEOUT
+from staticegress.k8s.agentreport import LABEL_SELECTOR, records_from_store
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
 from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy
+from staticegress.k8s.status import KubeStatusAPI, StatusWrite, StatusWriter
+from staticegress.manager.grants import MAP_ANNOTATION, GrantService, decode_map, encode_map
 from staticegress.manager.leader import LeaderElector
 from staticegress.model.assign import (
     DEFAULT_GATEWAY_LABEL,
+    ConditionOut,
     PolicyResult,
     assign_gateways,
+    gateway_candidates,
     invalid_result,
+    same_status,
     status_body,
 )
+from staticegress.model.ownership import (
+    GRANT_TTL,
+    KEEPS,
+    TAKES,
+    HandoffPlanner,
+    Health,
+    NodeView,
+    Verdict,
+    classify,
+    handoff_wait,
+)
+from staticegress.model.programmed import confirm_programmed, previous_programmed
 
 log = logging.getLogger(__name__)
-MERGE = "application/merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -66,6 +101,12 @@ class ManagerOptions:
     default_label: tuple[str, str] = DEFAULT_GATEWAY_LABEL
     health_address: str = "127.0.0.1"
     health_port: int = 9810
+    grant_key: bytes | None = None
+    """The cluster's grant key (required to run: agents hold nothing without grants)."""
+    grant_port: int = GRANT_PORT
+    grant_interval: float = 0.1
+    grant_ttl: float = GRANT_TTL
+    agent_grace: float = 1.5
 
 
 def _not_ready(obj: dict[str, Any]) -> bool:
@@ -95,6 +136,15 @@ class Manager:
                 name="services", list_fn=core.list_service_for_all_namespaces, on_change=poke
             ),
         }
+        # The agents' reports decide `Programmed` only; kept out of the dict the
+        # sync waits on, so a missing report permission never stops failover.
+        self.reports = Reflector(
+            name="agentreports",
+            list_fn=client.CoordinationV1Api(api).list_namespaced_lease,
+            list_args=(opts.namespace,),
+            list_kwargs={"label_selector": LABEL_SELECTOR},
+            on_change=poke,
+        )
         self.prober = Prober(
             interval=opts.probe_interval,
             down_after=opts.down_after,
@@ -108,9 +158,32 @@ class Manager:
             identity=opts.identity,
             duration=opts.lease_duration,
             renew_interval=opts.renew_interval,
+            annotations=self._annotations,
             on_change=lambda leader: self._leadership(leader),
         )
+        if opts.grant_key is None:
+            raise ValueError("the manager needs the cluster's grant key")
+        self.grants = GrantService(
+            identity=opts.identity,
+            key=opts.grant_key,
+            interval=opts.grant_interval,
+            ttl=opts.grant_ttl,
+            port=opts.grant_port,
+            on_change=poke,
+        )
+        self.planner: HandoffPlanner | None = None
+        self._map_text = ""
+        self._last_keep: frozenset[NodeName] | None = None
+        self.verdict = Verdict(health={}, frozen=False)
+        self._lost_since: dict[NodeName, float] = {}
         self.events = EventRecorder(api, component="staticegress-manager", host=opts.identity)
+        self.status: StatusWriter[_Change] = StatusWriter(
+            KubeStatusAPI(api),
+            is_leader=self.elector.is_leader,
+            poke=self.runner.poke,
+            on_written=self._written,
+            on_rejected=self._rejected,
+        )
         self.metrics = Registry()
         for name, kind, help in (
             ("leader", "gauge", "1 while this replica is the leader."),
@@ -118,7 +191,11 @@ class Manager:
             ("failovers_total", "counter", "Egress IPs moved off a gateway that failed."),
             ("unreachable_gateways", "gauge", "Nodes that do not answer heartbeats."),
             ("status_writes_total", "counter", "Status patches written."),
+            ("status_rejections_total", "counter", "Status patches the API server refused."),
             ("sync_errors_total", "counter", "Syncs that failed and were retried."),
+            ("frozen", "gauge", "1 while this replica's view of the nodes is implausible."),
+            ("grant_map_epoch", "gauge", "Epoch of the grant map this replica grants."),
+            ("pending_handoffs", "gauge", "Moved egress IPs waiting for the old owner to let go."),
         ):
             self.metrics.declare(name, kind, help)
         self.reassign = self.metrics.histogram(
@@ -132,7 +209,24 @@ class Manager:
     def _leadership(self, leader: bool) -> None:
         self.metrics.set("leader", 1 if leader else 0)
         if leader:
+            # Continue from the predecessor's published map and epoch, so
+            # nothing it granted is granted twice.
+            published = decode_map(self.elector.observed_annotations.get(MAP_ANNOTATION))
+            epoch, grant_map = published if published is not None else (0, {})
+            self.grants.set_map(max(epoch, self.grants.epoch), grant_map)
+            self.planner = HandoffPlanner.resume(
+                grant_map, now=time.monotonic(), wait=handoff_wait(self.opts.grant_ttl)
+            )
+            self._map_text = encode_map(self.grants.epoch, grant_map)
             self.runner.poke()
+        else:
+            self.planner = None
+
+    def _annotations(self) -> dict[str, str]:
+        """What the Lease carries: the leader's grant map; otherwise what is there."""
+        if self.planner is not None and self._map_text:
+            return {MAP_ANNOTATION: self._map_text}
+        return dict(self.elector.observed_annotations)
 
     def _health_changed(self, ip: IPv4Address, up: bool) -> None:
         name = next((n for n, a in self._node_ips.items() if a == ip), str(ip))
@@ -145,11 +239,15 @@ class Manager:
         self.runner.poke()
 
     async def run(self) -> None:
+        log.info("manager=%s heartbeats: ICMP identifier %d", self.opts.identity, self.prober.ident)
         async with asyncio.TaskGroup() as tg:
             for r in self.reflectors.values():
                 tg.create_task(r.run(), name=f"reflector-{r.name}")
+            tg.create_task(self.reports.run(), name="reflector-agentreports")
             tg.create_task(self.prober.run(), name="prober")
             tg.create_task(self.elector.run(), name="leader")
+            tg.create_task(self.grants.run(), name="grants")
+            tg.create_task(self._grant_loop(), name="grant-map")
             tg.create_task(self.runner.run(), name="sync")
             if self.opts.health_port:
                 await serve_health(
@@ -179,23 +277,121 @@ class Manager:
             if n is not None
         ]
         self._node_ips = {n.name: n.internal_ip for n in nodes if n.internal_ip is not None}
-        self.prober.set_targets(self._node_ips.values())
+        # Only nodes that could be gateways are probed: with thousands of nodes
+        # and a handful of gateways, probing all would be wasted packets.
+        parsed = self.parse_cache.parse_all(
+            "policies", self.reflectors["staticegressips"].store, parse_policy
+        )
+        candidates = gateway_candidates(
+            (p for p in parsed if not isinstance(p, Invalid)),
+            nodes=nodes,
+            default_label=self.opts.default_label,
+        )
+        self.prober.set_targets(ip for n, ip in self._node_ips.items() if n in candidates)
+        self.grants.set_targets({n: ip for n, ip in self._node_ips.items() if n in candidates})
         return nodes
+
+    async def _grant_loop(self) -> None:
+        """Standbys follow the published map; the leader re-plans pending handoffs."""
+        while True:
+            await asyncio.sleep(self.opts.grant_interval)
+            if self.planner is None:
+                published = decode_map(self.elector.observed_annotations.get(MAP_ANNOTATION))
+                if published is not None:
+                    self.grants.set_map(*published)
+            elif self.planner.pending:
+                self.runner.poke()
+            self.metrics.set("grant_map_epoch", self.grants.epoch)
+
+    def _judge(self, nodes: list[Node]) -> Verdict:
+        """Every candidate's health from all our views; freeze if implausible."""
+        raw = self.reflectors["nodes"].store
+        now = time.monotonic()
+        views = {
+            name: NodeView(
+                icmp_up=self.prober.is_up(ip),
+                ack_age=self.grants.ack_age(name),
+                heard_by_peers=self.grants.heard_by_peers(name),
+                witnessed_lost=self.grants.witnessed_lost(name),
+                ready=not _not_ready(raw.get(name, {})),
+                lost_for=now - self._lost_since.get(name, now),
+            )
+            for name, ip in self.grants.targets.items()
+        }
+        for name, v in views.items():
+            if v.icmp_up or v.ack_age <= 3 * self.opts.grant_interval:
+                self._lost_since.pop(name, None)
+            else:
+                self._lost_since.setdefault(name, now)
+                if now - self._lost_since[name] < 0.2:
+                    self.runner.poke()  # look again once the settle window has passed
+        verdict = classify(views, agent_grace=self.opts.agent_grace)
+        if verdict.frozen != self.verdict.frozen:
+            if verdict.frozen:
+                log.error(
+                    "manager=%s detector fault: %d of %d candidate gateways unreachable at "
+                    "once (%s); freezing every assignment and giving up leadership",
+                    self.opts.identity,
+                    len(verdict.unreachable),
+                    len(views),
+                    ",".join(verdict.unreachable),
+                )
+            else:
+                log.warning(
+                    "manager=%s detector view plausible again: unfreezing", self.opts.identity
+                )
+        elif {n: h for n, h in verdict.health.items() if h != Health.ALIVE} != {
+            n: h for n, h in self.verdict.health.items() if h != Health.ALIVE
+        }:
+            log.warning(
+                "manager=%s node health: %s",
+                self.opts.identity,
+                " ".join(f"{n}={h.value}" for n, h in sorted(verdict.health.items())),
+            )
+        self.elector.reluctant = verdict.frozen
+        self.metrics.set("frozen", 1 if verdict.frozen else 0)
+        self.verdict = verdict
+        return verdict
+
+    async def _publish(self, assignment: dict[IPAddress, NodeName | None]) -> None:
+        """Plan the grant map for `assignment`; publish and grant it when it changed."""
+        planner = self.planner
+        if planner is None:
+            return
+        now = time.monotonic()
+        grant_map = planner.plan(
+            assignment, now=now, health=self.verdict.health, held=self.grants.held()
+        )
+        self.metrics.set("pending_handoffs", len(planner.pending))
+        if grant_map != self.grants.grant_map:
+            epoch = max(self.grants.epoch + 1, int(time.time() * 1000))
+            self.grants.set_map(epoch, grant_map)
+            self._map_text = encode_map(epoch, grant_map)
+            log.info(
+                "manager=%s grant map epoch %d: %s%s",
+                self.opts.identity,
+                epoch,
+                " ".join(f"{ip}->{n}" for ip, n in sorted(grant_map.items(), key=str)) or "-",
+                f" (waiting: {', '.join(f'{ip}->{p.new}' for ip, p in planner.pending.items())})"
+                if planner.pending
+                else "",
+            )
+        if planner._unpublished and await self.elector.publish():
+            planner.published(at=time.monotonic())
 
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()):
             return
         nodes = self._nodes()  # keeps the prober's targets current on every replica
+        verdict = self._judge(nodes)  # every replica: a frozen one will not lead
         if not self.elector.is_leader():
             return
-        raw = self.reflectors["nodes"].store
-        healthy = frozenset(
-            n.name
-            for n in nodes
-            if n.internal_ip is not None
-            and self.prober.is_up(n.internal_ip)
-            and not _not_ready(raw.get(n.name, {}))
-        )
+        keep = frozenset(n for n, h in verdict.health.items() if h in KEEPS)
+        if verdict.frozen and self._last_keep is not None:
+            keep = self._last_keep  # the view is implausible: move nothing
+        self._last_keep = keep
+        healthy = keep
+        accepting = frozenset(n for n, h in verdict.health.items() if h in TAKES) & keep
         services = frozenset(
             (s.namespace, s.name)
             for s in (parse_service(o) for o in self.reflectors["services"].store.values())
@@ -215,48 +411,59 @@ class Manager:
             services=services,
             now=now,
             default_label=self.opts.default_label,
+            accepting=accepting,
         )
-        for result in results:
-            # The store is keyed namespace/name, as the ref prints.
-            await self._write(result, store[str(result.ref)], now)
+        await self._publish(
+            {a.egress_ip: a.gateway for r in results for a in r.assignments if r.assignments}
+        )
+        if verdict.frozen:
+            results = [_detector_fault(r, verdict) for r in results]
+        # `Programmed` from what the agents confirm, not from the assignment.
+        results = confirm_programmed(
+            results,
+            records=records_from_store(self.reports.store, nodes=(n.name for n in nodes))
+            if self.reports.synced.is_set()
+            else None,
+            previous=previous_programmed(policies),
+        )
+        # Hand every changed status to the writer: each object is written on
+        # its own, so one refused or failing object never holds up another.
+        self.status.retain([r.ref for r in results])
+        self.status.submit(
+            w for w in (self._status_write(r, store[str(r.ref)], now) for r in results) if w
+        )
 
-    async def _write(self, result: PolicyResult, obj: dict[str, Any], now: dt.datetime) -> None:
+    def _status_write(
+        self, result: PolicyResult, obj: dict[str, Any], now: dt.datetime
+    ) -> StatusWrite[_Change] | None:
+        """The write `result` needs, or None when the object already says it."""
         current = obj.get("status") or {}
         prev_conditions = {c.get("type"): c for c in current.get("conditions") or []}
         body = status_body(result, previous_conditions=prev_conditions, now=now)
-        if _same(body, current):
-            return
-        if not self.elector.is_leader():
-            return  # lost the lease since the sync began: write nothing
+        if same_status(body, current):
+            return None
         meta = obj["metadata"]
-        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": body}
-        try:
-            await self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                meta["namespace"],
-                PLURAL,
-                meta["name"],
-                patch,
-                _content_type=MERGE,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except client.exceptions.ApiException as exc:
-            if exc.status == 409:
-                self.runner.poke()  # the object changed under us: recompute
-                return
-            raise
-        self.metrics.inc("status_writes_total")
-        uid = str(meta.get("uid", ""))
         old = {a.get("egressIP"): a.get("gateway") for a in current.get("egressIPs") or []}
+        return StatusWrite(
+            ref=result.ref,
+            resource_version=meta.get("resourceVersion"),
+            status=body,
+            context=_Change(result=result, uid=str(meta.get("uid", "")), old_gateways=old),
+        )
+
+    def _written(self, write: StatusWrite[_Change]) -> None:
+        """After a status landed: its Events (queued, never awaited) and metrics."""
+        change = write.context
+        result = change.result
+        self.metrics.inc("status_writes_total")
         for kind, reason, message in result.events:
-            await self.events.emit(result.ref, uid, reason, message, kind=kind)
+            self.events.record(result.ref, change.uid, reason, message, kind=kind)
             if reason in ("GatewayAssigned", "GatewayFailover"):
                 self.metrics.inc("assignments_total")
             if reason == "GatewayFailover":
                 self.metrics.inc("failovers_total")
                 eip = message.split(" ", 1)[0]
-                prev_ip = self._node_ips.get(NodeName(str(old.get(eip))))
+                prev_ip = self._node_ips.get(NodeName(str(change.old_gateways.get(eip))))
                 st = self.prober.targets.get(prev_ip) if prev_ip else None
                 if st is not None and st.down_since is not None:
                     took = time.monotonic() - st.down_since
@@ -272,16 +479,40 @@ class Manager:
             "manager=%s egressip=%s status written: %s",
             self.opts.identity,
             result.ref,
-            body["summary"],
+            write.status["summary"],
+        )
+
+    def _rejected(self, write: StatusWrite[_Change], why: str) -> None:
+        """The API server refused this object's status (the writer backs it off)."""
+        self.metrics.inc("status_rejections_total")
+        self.events.record(
+            write.ref, write.context.uid, "StatusRejected", f"status not written: {why}"
         )
 
 
-def _same(body: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Equal apart from fields the API server may render differently."""
-    keys = ("observedGeneration", "egressIPs", "summary")
-    if any(body.get(k) != current.get(k) for k in keys):
-        return False
-    strip = ("lastTransitionTime",)
-    a = [{k: v for k, v in c.items() if k not in strip} for c in body["conditions"]]
-    b = [{k: v for k, v in c.items() if k not in strip} for c in current.get("conditions") or []]
-    return a == b
+@dataclass(frozen=True)
+class _Change:
+    """What the manager needs once a status write has landed."""
+
+    result: PolicyResult
+    uid: str
+    old_gateways: dict[str | None, str | None]
+    """egress IP -> gateway before the write, to time failovers."""
+
+
+def _detector_fault(result: PolicyResult, verdict: Verdict) -> PolicyResult:
+    """The same result, marked Degraded because the leader's view is implausible."""
+    lost = ", ".join(verdict.unreachable)
+    degraded = ConditionOut(
+        "Degraded",
+        "True",
+        "DetectorFault",
+        f"{len(verdict.unreachable)} candidate gateways look unreachable at once ({lost}): "
+        "assignments are frozen until a replica with a plausible view leads",
+    )
+    conditions = (*(c for c in result.conditions if c.type != "Degraded"), degraded)
+    return replace(
+        result,
+        conditions=conditions,
+        events=(*result.events, ("Warning", "DetectorFault", degraded.message)),
+    )

@@ -8,12 +8,20 @@ Rules, in order:
 1. an egress IP belongs to the oldest StaticEgressIP listing it (then
    namespace/name); younger claimants get no gateway for it (conflict);
 2. candidates are the nodes matching the rule's gateway-selector, or else
-   carrying the default gateway label; only healthy ones are eligible;
+   carrying the default gateway label; only healthy ones are eligible; an IP
+   that several rules of one object list needs a node every one of them
+   accepts, since it has a single gateway whichever rule's traffic it carries;
 3. sticky: the current owner keeps the IP while it is eligible;
 4. otherwise eligible nodes are ranked by a hash of (egress IP, node)
    (rendezvous hashing: stable, evenly spread, a node joining or leaving
    moves nothing else), preferring nodes no other IP of the rule uses;
 5. the next two ranked nodes are the standbys.
+
+Invariant: a result holds exactly one assignment per egress IP of its object,
+in the order the IPs first appear in the rules. `rule` is the first rule that
+lists the IP and `rules` every one; the status list is a map keyed by egress
+IP, and a second entry for one IP would make the API server refuse the whole
+status.
 """
 
 from __future__ import annotations
@@ -88,8 +96,12 @@ def assign_gateways(
     services: frozenset[tuple[str, str]],
     now: datetime,
     default_label: tuple[str, str] = DEFAULT_GATEWAY_LABEL,
+    accepting: frozenset[NodeName] | None = None,
 ) -> list[PolicyResult]:
-    """The desired status of every policy, in global rule order."""
+    """The desired status of every policy, in global rule order.
+
+    `healthy`: nodes that may keep the egress IPs they have. `accepting`: the
+    subset that may take new ones (its agent answers); None means all healthy."""
     nodes = list(nodes)
 
     def key(p: StaticEgressIP) -> tuple[str, EgressIPRef]:
@@ -105,12 +117,18 @@ def assign_gateways(
     results = []
     for pol in ordered:
         current = {a.egress_ip: a for a in pol.status.egress_ips}
+        # One status entry per egress IP even when several rules list it: the
+        # status list is a map keyed by egress IP, so a second entry for the
+        # same IP makes the API server refuse the whole status.
+        listed_by: dict[IPAddress, list[EgressRule]] = {}
+        for rule in pol.spec.rules:
+            for eip in rule.egress_ips:
+                listed_by.setdefault(eip, []).append(rule)
         assignments: list[EgressIPAssignment] = []
         events: list[tuple[str, str, str]] = []
         problems: list[tuple[str, str]] = []
+        used: dict[int, set[NodeName]] = {r.index: set() for r in pol.spec.rules}
         for rule in pol.spec.rules:
-            eligible = [n for n in _candidates(rule, nodes, default_label) if n in healthy]
-            used: set[NodeName] = set()
             if (
                 rule.service_name is not None
                 and (pol.ref.namespace, rule.service_name) not in services
@@ -122,41 +140,49 @@ def assign_gateways(
                         f"{pol.ref.namespace}/{rule.service_name} does not exist",
                     )
                 )
-            for eip in rule.egress_ips:
-                old = current.get(eip)
-                if owner[eip] != pol.ref:
-                    problems.append(
-                        ("EgressIPConflict", f"{eip} is already claimed by {owner[eip]}")
-                    )
-                    assignments.append(EgressIPAssignment(eip, rule.index, None, None))
-                    continue
-                ranked = rank(eip, eligible)
-                if old is not None and old.gateway in eligible:
-                    gw: NodeName | None = old.gateway
-                else:
-                    fresh = [n for n in ranked if n not in used]
-                    pick = fresh or ranked
-                    gw = pick[0] if pick else None
-                if gw is None:
-                    problems.append(
-                        ("NoEligibleGateway", f"{eip}: no healthy node is eligible as its gateway")
-                    )
-                    if old is None or old.gateway is not None:
-                        events.append(
-                            ("Warning", "NoEligibleGateway", f"{eip} has no eligible gateway")
-                        )
-                    assignments.append(EgressIPAssignment(eip, rule.index, None, None))
-                    continue
-                used.add(gw)
-                since = old.since if old is not None and old.gateway == gw else now
-                if old is None or old.gateway is None:
-                    events.append(("Normal", "GatewayAssigned", f"{eip} -> {gw}"))
-                elif old.gateway != gw:
+        for eip, rules in listed_by.items():
+            indexes = tuple(r.index for r in rules)
+            old = current.get(eip)
+            if owner[eip] != pol.ref:
+                problems.append(("EgressIPConflict", f"{eip} is already claimed by {owner[eip]}"))
+                assignments.append(EgressIPAssignment(eip, indexes[0], None, None, rules=indexes))
+                continue
+            # The IP has one gateway whichever rule's traffic it carries, so
+            # that node must be allowed by every rule listing it.
+            allowed = set.intersection(*(set(_candidates(r, nodes, default_label)) for r in rules))
+            eligible = sorted(n for n in allowed if n in healthy)
+            ranked = rank(eip, eligible)
+            if old is not None and old.gateway in eligible:
+                gw: NodeName | None = old.gateway
+            else:
+                taken = set().union(*(used[i] for i in indexes))
+                takers = [n for n in ranked if accepting is None or n in accepting]
+                fresh = [n for n in takers if n not in taken]
+                pick = fresh or takers
+                gw = pick[0] if pick else None
+            if gw is None:
+                problems.append(
+                    ("NoEligibleGateway", f"{eip}: no healthy node is eligible as its gateway")
+                )
+                if old is None or old.gateway is not None:
                     events.append(
-                        ("Warning", "GatewayFailover", f"{eip} moved from {old.gateway} to {gw}")
+                        ("Warning", "NoEligibleGateway", f"{eip} has no eligible gateway")
                     )
-                standbys = tuple(n for n in ranked if n != gw)[:2]
-                assignments.append(EgressIPAssignment(eip, rule.index, gw, since, standbys))
+                assignments.append(EgressIPAssignment(eip, indexes[0], None, None, rules=indexes))
+                continue
+            for i in indexes:
+                used[i].add(gw)
+            since = old.since if old is not None and old.gateway == gw else now
+            if old is None or old.gateway is None:
+                events.append(("Normal", "GatewayAssigned", f"{eip} -> {gw}"))
+            elif old.gateway != gw:
+                events.append(
+                    ("Warning", "GatewayFailover", f"{eip} moved from {old.gateway} to {gw}")
+                )
+            standbys = tuple(n for n in ranked if n != gw)[:2]
+            assignments.append(
+                EgressIPAssignment(eip, indexes[0], gw, since, standbys, rules=indexes)
+            )
         results.append(
             PolicyResult(
                 ref=pol.ref,
@@ -244,7 +270,11 @@ def status_body(
         )
     entries = []
     for a in result.assignments:
-        entry: dict[str, Any] = {"egressIP": str(a.egress_ip), "rule": a.rule}
+        entry: dict[str, Any] = {
+            "egressIP": str(a.egress_ip),
+            "rule": a.rule,
+            "rules": list(a.rules or (a.rule,)),
+        }
         if a.gateway is not None:
             entry["gateway"] = a.gateway
             entry["since"] = ts(a.since)
@@ -260,3 +290,36 @@ def status_body(
         },
         "conditions": conditions,
     }
+
+
+def gateway_candidates(
+    policies: Iterable[StaticEgressIP],
+    *,
+    nodes: Iterable[Node],
+    default_label: tuple[str, str] = DEFAULT_GATEWAY_LABEL,
+) -> frozenset[NodeName]:
+    """Every node that could become a gateway: one carrying the default gateway
+    label (ready for the next rule without a gateway-selector) or matching some
+    rule's gateway-selector. Only these need heartbeats."""
+    nodes = list(nodes)
+    out = {n.name for n in nodes if dict(n.labels).get(default_label[0]) == default_label[1]}
+    for pol in policies:
+        for rule in pol.spec.rules:
+            if rule.gateway_selector is not None:
+                out.update(_candidates(rule, nodes, default_label))
+    return frozenset(out)
+
+
+def same_status(body: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether `current` already says what `body` would write.
+
+    Equal apart from fields the API server may render differently (a
+    condition's transition time keeps its old value on purpose).
+    """
+    keys = ("observedGeneration", "egressIPs", "summary")
+    if any(body.get(k) != current.get(k) for k in keys):
+        return False
+    strip = ("lastTransitionTime",)
+    a = [{k: v for k, v in c.items() if k not in strip} for c in body.get("conditions") or []]
+    b = [{k: v for k, v in c.items() if k not in strip} for c in current.get("conditions") or []]
+    return a == b

@@ -17,6 +17,32 @@ one listing it too is in conflict and its pods for that IP fail closed. The
 gateway of an egress IP is the node named on the owning object's status
 (written by the manager), if that node exists and has an IPv4 InternalIP.
 
+New pods: the hold. A pod's first packets can race the agent: the CNI gives
+it an address before the agent has seen the Pod. Traffic from a local pod
+address the agent does not know, towards a held destination, is dropped
+until the agent knows the pod. All the agent can know about such a pod is its
+address, so the criterion is about rules, not pods: a rule is *open* when a
+pod it has not seen could turn out to be selected by it:
+- a rule with a pod or namespace selector (none means the object's own
+  namespace): any new pod may carry matching labels;
+- a rule naming a Service with a selector: likewise;
+- a rule naming a Service without a selector: only pods whose addresses are
+  in its EndpointSlices, which the agent does see, so it is open only while
+  one of those addresses is in this node's pod ranges and not a known pod;
+- a rule naming a Service that does not exist selects nothing now; when the
+  Service appears the agent recomputes, like any other change;
+- an IPv6 rule is not programmed at all.
+The held destinations are the union of the open rules' destinations minus
+their own exclusions (the cluster's ranges are never held either). No open
+rule, or no pod range on this Node, means no hold at all, so a node where no
+rule could select a new pod never drops anything for an unseen pod.
+
+Ending pods: a pod being deleted or finished stays a pod (see
+`staticegress.api.core`): it stays known and keeps its steering and its SNAT
+until its object is removed, so its last packets are neither held nor leaked.
+If a live pod has the same address as an ending one (the address was
+reused), only the live one counts.
+
 Determinism: every collection is sorted, so equal snapshots give equal
 states, and `DesiredState` compares with `==`.
 """
@@ -117,6 +143,9 @@ class DesiredState:
     """Remote gateways in use, one routing table each."""
     owned: tuple[IPv4Address, ...] = ()
     """Egress IPs this node holds on its uplink and answers ARP for."""
+    named: tuple[IPv4Address, ...] = ()
+    """Egress IPs the status gives this node, held or not: the lease tables gate
+    them, and the grant path renews only these."""
     cluster: tuple[IPv4Network, ...] = ()
     """Pod, node and configured ranges: never steered, whatever a rule says."""
     remote_pods: tuple[IPv4Address, ...] = ()
@@ -131,10 +160,11 @@ class DesiredState:
     known_local_pods: tuple[IPv4Address, ...] = ()
     """Every pod IP on this node that the agent knows, selected or not."""
     held_destinations: tuple[IPv4Network, ...] = ()
-    """All rules' destinations: traffic from a local pod IP the agent does not
-    know yet, towards these, is held (dropped) until the agent has seen the pod.
-    This closes the window in which a brand-new selected pod could leave with
-    the node IP before its first sync."""
+    """The destinations of every rule that could select a pod the agent has not
+    seen (see the module's docstring), minus each rule's exclusions: traffic
+    from a local pod IP the agent does not know yet, towards these, is held
+    (dropped) until the agent has seen the pod. This closes the window in which
+    a brand-new selected pod could leave with the node IP before its first sync."""
     problems: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
@@ -217,6 +247,61 @@ def _select(
     return out
 
 
+def _live_claims(pods: Iterable[Pod]) -> list[Pod]:
+    """Pods, less the ending ones whose address a live pod now has: the address
+    was released and reused, and it is the live pod that sends from it."""
+    by_ip: dict[IPv4Address | None, list[Pod]] = defaultdict(list)
+    for p in pods:
+        by_ip[p.ip].append(p)
+
+    def rank(p: Pod) -> int:
+        return 2 if p.finished else 1 if p.terminating else 0
+
+    out: list[Pod] = []
+    for same in by_ip.values():
+        best = min(rank(p) for p in same)
+        out += [p for p in same if rank(p) == best]
+    return sorted(out)
+
+
+def _subtract(nets: Iterable[IPv4Network], excluded: Iterable[IPv4Network]) -> list[IPv4Network]:
+    """`nets` without the addresses of `excluded`."""
+    out = list(collapse_addresses(nets))
+    for ex in collapse_addresses(excluded):
+        rest: list[IPv4Network] = []
+        for n in out:
+            if n.subnet_of(ex):
+                continue
+            rest += n.address_exclude(ex) if ex.subnet_of(n) else [n]
+        out = rest
+    return list(collapse_addresses(out))
+
+
+def _open_to_unseen_pods(
+    policy: StaticEgressIP,
+    rule: EgressRule,
+    *,
+    services: Mapping[tuple[str, str], Service],
+    endpoints: Mapping[tuple[str, str], tuple[IPv4Address, ...]],
+    local_ranges: tuple[IPv4Network, ...],
+    known: frozenset[IPv4Address],
+) -> bool:
+    """Whether a local pod the agent has not seen could be selected by `rule`."""
+    if rule.family != 4:
+        return False
+    if rule.service_name is None:
+        return True
+    svc = services.get((policy.ref.namespace, rule.service_name))
+    if svc is None:
+        return False
+    if svc.selector is not None:
+        return True
+    return any(
+        a not in known and any(a in r for r in local_ranges)
+        for a in endpoints.get((svc.namespace, svc.name), ())
+    )
+
+
 def assign_slots(
     gateways: Iterable[NodeName], previous: Mapping[NodeName, int], max_slots: int
 ) -> dict[NodeName, int]:
@@ -240,15 +325,17 @@ def compute_desired(
     *,
     previous_slots: Mapping[NodeName, int] | None = None,
     withheld: frozenset[IPAddress] = frozenset(),
+    granted: frozenset[IPAddress] | None = None,
 ) -> DesiredState:
     """This node's desired dataplane for `snapshot`.
 
     `withheld`: egress IPs the status gives this node that it must not hold
-    now (it fenced itself off after losing contact with its peers).
+    now. `granted`: when given, the IPs this node holds a live grant for; an
+    IP the status gives it without one is withheld too (staticegress.model.ownership).
     """
     me = config.node
     nodes = {n.name: n for n in snapshot.nodes}
-    pods = sorted(p for p in snapshot.pods if p.ip is not None and not p.host_network)
+    pods = _live_claims(p for p in snapshot.pods if p.ip is not None and not p.host_network)
     index = _PodIndex(pods)
     services = {(s.namespace, s.name): s for s in snapshot.services}
     namespaces = {n.name: n for n in snapshot.namespaces}
@@ -265,6 +352,8 @@ def compute_desired(
     policies = _order(snapshot.policies)
     owner: dict[IPAddress, EgressIPRef] = {}
     gateway_of: dict[IPAddress, NodeName] = {}
+    named: list[IPv4Address] = []
+    unheld: set[IPAddress] = set()
     for pol in policies:
         status = {a.egress_ip: a for a in pol.status.egress_ips}
         for rule in pol.spec.rules:
@@ -274,8 +363,13 @@ def compute_desired(
                 owner[eip] = pol.ref
                 entry = status.get(eip)
                 gw = entry.gateway if entry is not None else None
-                if gw == me and eip in withheld:
-                    continue  # fenced: as if no gateway were known
+                if gw == me:
+                    named.append(eip)
+                    if eip in withheld or (granted is not None and eip not in granted):
+                        # No live grant: its traffic is dropped here, but pods
+                        # keep choosing it, so nothing re-buckets onto another
+                        # egress IP (and stays there in conntrack) meanwhile.
+                        unheld.add(eip)
                 if gw is not None and gw in nodes and nodes[gw].internal_ip is not None:
                     gateway_of[eip] = gw
 
@@ -348,6 +442,8 @@ def compute_desired(
         for pod, picked in picks:
             assert pod.ip is not None
             gw = gateway_of.get(picked) if picked is not None else None
+            if picked in unheld:
+                gw = None  # ours, without a live grant: drop, never SNAT
             if pod.node == me:
                 target: Steer = "drop"
                 if gw == me:
@@ -386,18 +482,37 @@ def compute_desired(
     )
     transport_vxlan = config.transport == "vxlan"
     own_node = nodes.get(me)
-    all_dests = [n for r in programs for n in r.destinations] if programs else []
+    local_ranges = own_node.pod_cidrs if own_node is not None else ()
+    known = frozenset(p.ip for p in pods if p.node == me and p.ip is not None)
+    held: list[IPv4Network] = []
+    for pol in policies:
+        for rule in pol.spec.rules:
+            if local_ranges and _open_to_unseen_pods(
+                pol,
+                rule,
+                services=services,
+                endpoints=endpoints,
+                local_ranges=local_ranges,
+                known=known,
+            ):
+                held += _subtract(
+                    (n for n in rule.destinations if isinstance(n, IPv4Network)),
+                    (n for n in rule.excluded if isinstance(n, IPv4Network)),
+                )
     return DesiredState(
-        local_pod_ranges=own_node.pod_cidrs if own_node is not None and all_dests else (),
-        known_local_pods=tuple(sorted(p.ip for p in pods if p.node == me and p.ip is not None))
-        if all_dests
-        else (),
-        held_destinations=tuple(collapse_addresses(all_dests)),
+        local_pod_ranges=local_ranges if held else (),
+        known_local_pods=tuple(sorted(known)) if held else (),
+        held_destinations=tuple(collapse_addresses(held)),
         rules=tuple(programs),
         gateways=gateways,
         owned=tuple(
-            sorted(e for e, g in gateway_of.items() if g == me and isinstance(e, IPv4Address))
+            sorted(
+                e
+                for e, g in gateway_of.items()
+                if g == me and isinstance(e, IPv4Address) and e not in unheld
+            )
         ),
+        named=tuple(sorted(named)),
         cluster=tuple(collapse_addresses(cluster)),
         remote_pods=tuple(sorted(remote)),
         return_routes=tuple(sorted(returns.items())) if transport_vxlan else (),

@@ -288,7 +288,7 @@ def render_ruleset(
             ),
             _set(
                 "held_destinations",
-                "destinations of all rules",
+                "destinations of the rules that could select a pod not seen yet",
                 [_elem(n) for n in desired.held_destinations],
                 interval=True,
             ),

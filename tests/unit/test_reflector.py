@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -194,3 +195,131 @@ async def test_request_relist_replaces_a_silent_watch() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ------------------------------------------------------------------ silence
+
+
+async def test_a_silent_watch_is_replaced_from_where_it_was() -> None:
+    script = _Script(
+        [
+            _list(10, _pod("a", 5)),
+            _Hanging(),  # connected, then nothing: the server was blackholed
+            _Response(lines=[_event("ADDED", _pod("b", 11))]),
+        ]
+    )
+    r = Reflector(name="pods", list_fn=script, max_backoff=0.01, silence_limit=0.3)
+    task = asyncio.create_task(r.run())
+    try:
+        await asyncio.sleep(0.15)
+        assert r.connected
+        assert 0.1 < r.silent_for() < 0.3
+        await asyncio.wait_for(script.done.wait(), timeout=5)
+        assert r.reconnects == 1
+        assert r.relists == 1, "a silent watch resumes, it does not list again"
+        assert [c.get("resource_version") for c in script.calls[1:3]] == ["10", "10"]
+        assert sorted(r.store) == ["ns/a", "ns/b"]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_watch_without_events_is_replaced_after_the_idle_limit() -> None:
+    script = _Script([_list(10), _Hanging(), _Response(lines=[])])
+    r = Reflector(name="t", list_fn=script, silence_limit=10.0, idle_limit=0.2)
+    task = asyncio.create_task(r.run())
+    try:
+        await asyncio.wait_for(script.done.wait(), timeout=5)
+        assert r.reconnects == 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_refused_list_keeps_the_store() -> None:
+    class _Refused(_Response):
+        status = 403
+        reason = "Forbidden"
+
+    script = _Script([_list(10, _pod("a", 5)), OSError("reset"), _Refused(body={"items": []})])
+    r = Reflector(name="t", list_fn=script, max_backoff=0.01)
+    task = asyncio.create_task(r.run())
+    try:
+        await asyncio.wait_for(script.done.wait(), timeout=5)
+        assert sorted(r.store) == ["ns/a"], "a 403 must not empty the store"
+        assert r.relists == 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_healthz_names_the_silent_watches_and_livez_stays_up() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from staticegress.agent.health import HealthState, make_app, watches_heard
+    from staticegress.agent.metrics import Registry
+
+    quiet = _Script([_list(10, _pod("a", 5)), _Hanging()])
+    gone = _Script([_list(10, _pod("a", 5)), OSError("no route to host")])
+    reflectors = [
+        Reflector(name="pods", list_fn=quiet, silence_limit=60.0),
+        Reflector(name="nodes", list_fn=gone, max_backoff=0.05, silence_limit=60.0),
+    ]
+    tasks = [asyncio.create_task(r.run()) for r in reflectors]
+    state = HealthState(
+        lambda: watches_heard(reflectors, limit=0.3), lambda: (True, "ok"), Registry()
+    )
+    client = TestClient(TestServer(make_app(state)))
+    await client.start_server()
+    try:
+        resp = await client.get("/healthz")
+        assert (resp.status, await resp.text()) == (200, "ok\n")
+        await asyncio.sleep(0.5)
+        resp = await client.get("/healthz")
+        text = await resp.text()
+        assert resp.status == 503
+        # Both are silent: one open but quiet, one that cannot reconnect.
+        assert re.fullmatch(r"watches silent: pods \ds, nodes \ds\n", text), text
+        assert (await client.get("/livez")).status == 200
+    finally:
+        await client.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_tcp_keepalive_answers_count_as_hearing_the_server() -> None:
+    """A live server that sends nothing is still heard, through its kernel's
+    answers to our keepalive probes (real sockets on loopback)."""
+    from types import SimpleNamespace
+
+    from staticegress.k8s.reflector import KEEPALIVE_IDLE, _keepalive, _tcp_quiet_seconds
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def on_client(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _probed_r, probed_w = await asyncio.open_connection("127.0.0.1", port)
+    _plain_r, plain_w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        fake = SimpleNamespace(connection=SimpleNamespace(transport=probed_w.transport))
+        sock = _keepalive(fake)
+        assert sock is not None
+        await asyncio.sleep(KEEPALIVE_IDLE + 1.5)
+        probed = _tcp_quiet_seconds(sock)
+        plain = _tcp_quiet_seconds(plain_w.transport.get_extra_info("socket"))
+        assert probed is not None
+        assert plain is not None
+        assert plain >= KEEPALIVE_IDLE + 1.4
+        assert probed < KEEPALIVE_IDLE + 0.5, (probed, plain)
+    finally:
+        for w in (probed_w, plain_w, *accepted):
+            w.close()
+        server.close()
+        await server.wait_closed()

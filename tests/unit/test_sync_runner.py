@@ -126,3 +126,14 @@ async def test_pending_age_measures_unapplied_changes(make: object) -> None:
     await h.clock.advance(10)
     assert h.runner.pending_age() > 5.0, "a change that keeps failing must show as stale"
     assert h.runner.failures >= 3
+
+
+async def test_a_forced_poke_forces_the_next_run_only(make: object) -> None:
+    h = make(min_interval=0.1, max_interval=100.0)  # type: ignore[operator]
+    h.runner.poke()
+    await h.clock.advance(1)
+    h.runner.poke(force=True)  # the kernel lost our table: apply even if unchanged
+    await h.clock.advance(1)
+    h.runner.poke()
+    await h.clock.advance(1)
+    assert h.calls == [(0.0, True), (1.0, True), (2.0, False)]

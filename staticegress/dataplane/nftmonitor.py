@@ -1,0 +1,283 @@
+"""Notice at once when the nftables tables we own are removed or changed behind our back.
+
+`nft flush ruleset`, a firewall reload or a stray script can delete our
+table; until it is back, selected pods leave with the node's address. The
+periodic resync would repair that after up to a minute. `WatchedNftApplier`
+is the agent's `NftApplier` plus a watchdog that repairs it within a second:
+
+- every batch applied through it updates the set of tables we own (its
+  `add table` / `delete table` commands, in order; a batch that only adds
+  elements leaves the set alone), and, in the same call on the applier's
+  thread, records a fingerprint of each: a hash of its terse, stateless
+  listing (chains, rules, set and map definitions with their handles; no
+  elements, no counters), so traffic and element timeouts never look like
+  drift;
+- `watch()` subscribes to the kernel's nftables notifications (a
+  NETLINK_NETFILTER socket in group NFNLGRP_NFTABLES, opened on the
+  applier's thread so it lives in the namespace we program) and, after every
+  burst of notifications, compares the fingerprints: one cheap listing per
+  owned table, coalesced however many messages arrived. It also compares
+  every `poll_interval` seconds, in case notifications were lost (the
+  socket overflowed: ENOBUFS) or the socket could not be opened at all;
+- on a difference it calls `on_drift()` once (the agent forces a full
+  sync), and when the next batch leaves every owned table in place it logs
+  one line with the time from notice to repair and calls
+  `on_restored(seconds)`.
+
+Invariants:
+- checks and applies run on the same single thread, so a check never sees a
+  half-applied batch, and a fingerprint always describes the table our own
+  last batch left;
+- an ENOBUFS triggers a check, not a blind resync: our own large batches
+  produce thousands of notifications, and resyncing on overflow would feed
+  itself;
+- a table removed between our commit and our fingerprint (a window of
+  milliseconds) is caught there, as missing; an in-place edit in that
+  window is recorded as ours and left to the periodic resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from staticegress.dataplane.netns import NetnsRunner
+from staticegress.dataplane.nft import NftApplier
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+"""Not exported by Python's socket module."""
+NFNLGRP_NFTABLES = 7
+RECV_BUFFER = 4 << 20
+"""Bytes; a large buffer absorbs the notification burst of one big batch."""
+
+TableId = tuple[str, str]
+"""(family, name)."""
+
+
+def tables_after(batch: dict[str, Any], before: Iterable[TableId]) -> set[TableId]:
+    """The tables that exist after `batch` ran, given those that existed before.
+
+    Only whole-table commands count: `add`/`create` make a table exist,
+    `delete`/`destroy` remove it, later commands win."""
+    out = set(before)
+    for cmd in batch.get("nftables", []):
+        if not isinstance(cmd, dict):
+            continue
+        for verb, obj in cmd.items():
+            if not isinstance(obj, dict) or set(obj) != {"table"}:
+                continue
+            table = obj["table"]
+            key = (str(table.get("family", "ip")), str(table.get("name")))
+            if verb in ("add", "create"):
+                out.add(key)
+            elif verb in ("delete", "destroy"):
+                out.discard(key)
+    return out
+
+
+def tables_touched(batch: dict[str, Any]) -> set[TableId]:
+    """Every table a command of `batch` names, whatever it does to it."""
+    out: set[TableId] = set()
+    for cmd in batch.get("nftables", []):
+        if not isinstance(cmd, dict):
+            continue
+        for obj in cmd.values():
+            if not isinstance(obj, dict):
+                continue
+            for kind, body in obj.items():
+                if not isinstance(body, dict):
+                    continue
+                name = body.get("name") if kind == "table" else body.get("table")
+                if name is not None:
+                    out.add((str(body.get("family", "ip")), str(name)))
+    return out
+
+
+def open_notification_socket() -> socket.socket:
+    """A non-blocking socket subscribed to nftables changes in the calling thread's namespace."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        # SO_RCVBUFFORCE passes the system cap with CAP_NET_ADMIN; without it,
+        # take what SO_RCVBUF allows.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, RECV_BUFFER)  # SO_RCVBUFFORCE
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class WatchedNftApplier(NftApplier):
+    """An `NftApplier` that notices when what it applied disappears, and says so."""
+
+    def __init__(
+        self,
+        runner: NetnsRunner | None = None,
+        *,
+        on_drift: Callable[[], None] = lambda: None,
+        on_restored: Callable[[float], None] = lambda _: None,
+        poll_interval: float = 5.0,
+    ) -> None:
+        super().__init__(runner)
+        self._on_drift = on_drift
+        self._on_restored = on_restored
+        self.poll_interval = poll_interval
+        self._lister: Any = None
+        self._expected: dict[TableId, str | None] = {}
+        """Owned table -> fingerprint after our last batch (None: it was already gone)."""
+        self._drift_since: float | None = None
+        self._drift_what = ""
+        self._last_repair_request = float("-inf")
+        self.restores = 0
+        self.checks = 0
+
+    # --------------------------------------------------- on the runner's thread
+
+    def _list_ctx(self) -> Any:
+        # A context of its own: terse and stateless listings, while the
+        # applier's context keeps full output for `list_table`.
+        if self._lister is None:
+            import nftables
+
+            ctx = nftables.Nftables()
+            ctx.set_json_output(True)
+            ctx.set_terse_output(True)
+            ctx.set_stateless_output(True)
+            self._lister = ctx
+        return self._lister
+
+    def _fingerprint(self, table: TableId) -> str | None:
+        family, name = table
+        cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
+        rc, out, _ = self._list_ctx().json_cmd(cmd)
+        if rc != 0:
+            return None  # ENOENT: the table is gone
+        text = out if isinstance(out, str) else repr(out)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _apply_and_record(self, batch: dict[str, Any]) -> list[str]:
+        """Apply, fingerprint the tables the batch touched, and compare the others."""
+        self._run(batch)
+        touched = tables_touched(batch)
+        before = self._expected
+        after: dict[TableId, str | None] = {}
+        untouched: list[str] = []
+        for table in sorted(tables_after(batch, before)):
+            if table in touched or table not in before:
+                after[table] = self._fingerprint(table)
+            else:
+                # Not ours to re-record: a drift there must still be seen.
+                after[table] = before[table]
+                untouched.append(self._compare(table, before[table]) or "")
+        self._expected = after
+        missing = [f"{' '.join(t)} removed" for t in touched if after.get(t, "") is None]
+        return missing + [d for d in untouched if d]
+
+    def _compare(self, table: TableId, expected: str | None) -> str | None:
+        now = self._fingerprint(table)
+        if now == expected:
+            return None
+        return f"{' '.join(table)} {'removed' if now is None else 'changed'}"
+
+    def _differences(self) -> list[str]:
+        self.checks += 1
+        return [d for t, fp in self._expected.items() if (d := self._compare(t, fp))]
+
+    # ------------------------------------------------------------ asyncio side
+
+    @property
+    def owned_tables(self) -> list[TableId]:
+        return sorted(self._expected)
+
+    async def apply(self, batch: dict[str, Any]) -> None:
+        """Run one batch as one transaction and fingerprint what it left."""
+        diffs = await self._runner.run(lambda: self._apply_and_record(batch))
+        if diffs:
+            self._drifted(", ".join(diffs))
+        elif self._drift_since is not None:
+            took = time.monotonic() - self._drift_since
+            self._drift_since = None
+            self.restores += 1
+            log.warning("nftables: %s behind our back; restored in %.3fs", self._drift_what, took)
+            self._on_restored(took)
+
+    async def check(self) -> bool:
+        """Compare every owned table with its fingerprint; False (and a forced
+        repair requested) if any was removed or changed."""
+        diffs = await self._runner.run(self._differences)
+        if diffs:
+            self._drifted(", ".join(diffs))
+        return not diffs
+
+    def _drifted(self, what: str) -> None:
+        now = time.monotonic()
+        if self._drift_since is None:
+            self._drift_since = now
+            self._drift_what = what
+            log.warning("nftables: %s behind our back; repairing", what)
+        elif now - self._last_repair_request < self.poll_interval:
+            # Our own repair batch notifies too: asking again at once would
+            # loop as fast as the sync runs if the repair does not take.
+            return
+        self._last_repair_request = now
+        self._on_drift()
+
+    async def watch(self) -> None:
+        """Check after every burst of nftables notifications, and every
+        `poll_interval` seconds; runs until cancelled."""
+        sock: socket.socket | None = None
+        try:
+            sock = await self._runner.run(open_notification_socket)
+        except OSError as exc:
+            log.warning(
+                "nftables: no change notifications (%s); checking every %.0fs only",
+                exc,
+                self.poll_interval,
+            )
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        if sock is not None:
+            loop.add_reader(sock.fileno(), woken.set)
+        try:
+            while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the event, and the task never ends.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await woken.wait()
+                woken.clear()
+                if sock is not None:
+                    _drain(sock)
+                await self.check()
+        finally:
+            if sock is not None:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read every queued notification; their content does not matter, only that
+    something changed."""
+    while True:
+        try:
+            sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            # Some notifications were dropped: the check that follows covers them.
+            log.debug("nftables: notification socket overflowed")

@@ -1,0 +1,192 @@
+"""The nftables watchdog against the real kernel, in a throwaway network namespace:
+a flush of the whole ruleset, a deleted or edited table of ours, and a change
+to someone else's table, each seen (or not) from the kernel's notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from staticegress.dataplane import nftmonitor
+from staticegress.dataplane.netns import NetnsRunner
+from staticegress.dataplane.nftmonitor import WatchedNftApplier
+from staticegress.model.desired import compute_desired
+from staticegress.render.nft import render_ruleset
+from tests import scenario
+
+ARP_TABLE: list[dict[str, Any]] = [
+    {"add": {"table": {"family": "arp", "name": "staticegress_test_arp"}}},
+    {
+        "add": {
+            "chain": {
+                "family": "arp",
+                "table": "staticegress_test_arp",
+                "name": "output",
+                "type": "filter",
+                "hook": "output",
+                "prio": 0,
+                "policy": "accept",
+            }
+        }
+    },
+]
+
+
+def _nft(ns: str, *args: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _tables(ns: str) -> list[str]:
+    return [
+        _nft(ns, "list", "table", "ip", "staticegress"),
+        _nft(ns, "list", "table", "arp", "staticegress_test_arp"),
+    ]
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0:
+        raise AssertionError("dataplane tests need root (network namespaces)")
+    name = f"setest-mon-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def _batch() -> dict[str, Any]:
+    data = scenario.load("mixed")
+    data["node"] = "node-1"
+    desired = compute_desired(scenario.snapshot(data), scenario.config(data, "direct"))
+    batch = render_ruleset(desired, transport="direct")
+    batch["nftables"] += ARP_TABLE
+    return batch
+
+
+class _Agent:
+    """Plays the agent's side: a forced sync re-applies the last batch at once."""
+
+    def __init__(self, ns: str, *, poll_interval: float = 5.0) -> None:
+        self.drifts: list[float] = []
+        self.restored: list[float] = []
+        self.batch = _batch()
+        self.nft = WatchedNftApplier(
+            NetnsRunner(ns),
+            on_drift=self._drift,
+            on_restored=self.restored.append,
+            poll_interval=poll_interval,
+        )
+        self._repairs: set[asyncio.Task[None]] = set()
+
+    def _drift(self) -> None:
+        self.drifts.append(time.monotonic())
+        task = asyncio.create_task(self.nft.apply(self.batch))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+
+@contextlib.asynccontextmanager
+async def _started(agent: _Agent) -> AsyncIterator[_Agent]:
+    await agent.nft.apply(agent.batch)
+    task = asyncio.create_task(agent.nft.watch())
+    await asyncio.sleep(0.2)  # subscribed, and the check after our own batch is done
+    try:
+        yield agent
+    finally:
+        task.cancel()
+        await asyncio.gather(task, *agent._repairs, return_exceptions=True)
+        agent.nft._runner.close()
+
+
+async def _until(what: str, check: Callable[[], object], seconds: float = 2.0) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > seconds:
+            raise AssertionError(f"{what}: not within {seconds}s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def test_the_batch_defines_the_owned_tables(netns: str) -> None:
+    async with _started(_Agent(netns)) as agent:
+        assert agent.nft.owned_tables == [("arp", "staticegress_test_arp"), ("ip", "staticegress")]
+        assert agent.drifts == [], "our own batches must not look like drift"
+
+
+async def test_flush_ruleset_is_restored_within_a_second(netns: str) -> None:
+    async with _started(_Agent(netns)) as agent:
+        flushed = time.monotonic()
+        await asyncio.to_thread(_nft, netns, "flush", "ruleset")
+        await _until("the repair", lambda: agent.restored)
+        took = time.monotonic() - flushed
+        noticed = agent.drifts[0] - flushed
+        print(f"\nflush ruleset: noticed after {noticed:.3f}s, restored in {took:.3f}s")
+        assert noticed < 1.0
+        assert took < 1.0
+        assert len(agent.drifts) == 1
+        assert "staticegress" in _nft(netns, "list", "tables")
+        assert "staticegress_test_arp" in _nft(netns, "list", "tables")
+        # Our own repair batch notified too; it must not be taken for another drift.
+        await asyncio.sleep(0.3)
+        assert len(agent.drifts) == 1
+        assert agent.nft.restores == 1
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("delete", "table", "arp", "staticegress_test_arp"),
+        ("add", "rule", "ip", "staticegress", "prerouting", "counter"),
+        ("flush", "chain", "ip", "staticegress", "prerouting"),
+    ],
+    ids=["other-table-of-ours-deleted", "rule-added", "chain-flushed"],
+)
+async def test_an_edit_of_any_owned_table_is_repaired(netns: str, edit: tuple[str, ...]) -> None:
+    async with _started(_Agent(netns)) as agent:
+        before = _tables(netns)
+        await asyncio.to_thread(_nft, netns, *edit)
+        await _until("the repair", lambda: agent.restored)
+        assert _tables(netns) == before
+
+
+async def test_changes_to_other_tables_are_left_alone(netns: str) -> None:
+    async with _started(_Agent(netns)) as agent:
+        await asyncio.to_thread(_nft, netns, "add", "table", "inet", "someone_else")
+        await asyncio.to_thread(
+            _nft,
+            netns,
+            "add",
+            "chain",
+            "inet",
+            "someone_else",
+            "c",
+            "{ type filter hook input priority 0; }",
+        )
+        await asyncio.sleep(0.3)
+        checks = agent.nft.checks
+        assert checks >= 1, "the notifications were not seen"
+        assert agent.drifts == []
+
+
+async def test_without_notifications_the_poll_still_repairs(
+    netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse() -> Any:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(nftmonitor, "open_notification_socket", refuse)
+    agent = _Agent(netns, poll_interval=0.3)
+    async with _started(agent):
+        await asyncio.to_thread(_nft, netns, "delete", "table", "ip", "staticegress")
+        await _until("the repair by polling", lambda: agent.restored, seconds=2.0)

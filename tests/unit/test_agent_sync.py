@@ -1,0 +1,275 @@
+"""The agent's sync with in-memory fakes for the kernel (no root, no API server):
+an egress IP the status gives the node is held only while a grant covers it,
+the lease tables ride in every batch, and a lapsed grant is let go."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, ip_address
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from staticegress.agent.agent import Agent, AgentOptions
+from staticegress.dataplane.host import Uplink
+from staticegress.dataplane.netlink import ApplyResult
+from staticegress.model.desired import stable_bucket
+from staticegress.model.ownership import Grant
+from staticegress.render.lease import LEASE_TABLE
+from staticegress.render.netlink import NetlinkSpec
+
+X = ip_address("198.51.100.200")
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.texts: list[str] = []
+
+    async def apply(self, batch: dict[str, Any]) -> None:
+        self.batches.append(batch)
+
+    async def apply_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    async def run(self, cmd: dict[str, Any]) -> Any:
+        return {"nftables": []}
+
+    async def watch(self) -> None:
+        return None
+
+
+class FakeNetlink:
+    def __init__(self) -> None:
+        self.specs: list[tuple[str, NetlinkSpec]] = []
+
+    async def apply(self, spec: NetlinkSpec, *, phase: str) -> ApplyResult:
+        self.specs.append((phase, spec))
+        return ApplyResult(errors=[])
+
+
+def node(i: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"node-{i}", "labels": {"staticegress.io/gateway": "true"}},
+        "spec": {"podCIDR": f"10.244.{i}.0/24", "podCIDRs": [f"10.244.{i}.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": f"198.51.100.1{i}"}]},
+    }
+
+
+def pod(i: int) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": "default", "name": f"client-{i}", "labels": {"app": "client"}},
+        "spec": {"nodeName": f"node-{i}"},
+        "status": {
+            "phase": "Running",
+            "podIP": f"10.244.{i}.5",
+            "podIPs": [{"ip": f"10.244.{i}.5"}],
+        },
+    }
+
+
+POLICY = {
+    "apiVersion": "staticegressips.io/v1alpha1",
+    "kind": "StaticEgressIP",
+    "metadata": {
+        "namespace": "default",
+        "name": "egress",
+        "uid": "u-1",
+        "generation": 1,
+        "resourceVersion": "7",
+        "creationTimestamp": "2026-01-01T00:00:00Z",
+    },
+    "spec": {
+        "rules": [
+            {
+                "egressip": str(X),
+                "pod-selector": {"matchLabels": {"app": "client"}},
+                "cidr": "203.0.113.10/32",
+            }
+        ]
+    },
+    "status": {"egressIPs": [{"egressIP": str(X), "rule": 0, "gateway": "node-1"}]},
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+FLUSHED: list[list[IPv4Address]] = []
+
+
+def make_agent(ownership: str = "grants") -> tuple[Agent, FakeNft, FakeNetlink]:
+    nft, netlink = FakeNft(), FakeNetlink()
+    announced: list[IPv4Address] = []
+
+    async def announce(ip: IPv4Address) -> None:
+        announced.append(ip)
+
+    async def flush(pods: list[IPv4Address], keep: list[Any]) -> int:
+        FLUSHED.append(pods)
+        return len(pods)
+
+    opts = AgentOptions(
+        node="node-1",
+        transport="direct",
+        ownership=ownership,  # type: ignore[arg-type]
+        grant_key=b"k" * 32,
+        health_port=0,
+    )
+    agent = Agent(
+        client.ApiClient(), opts, nft=nft, netlink=netlink, announcer=announce, flusher=flush
+    )
+    stores = {
+        "nodes": {f"node-{i}": node(i) for i in (1, 2, 3)},
+        "pods": {f"default/client-{i}": pod(i) for i in (1, 2, 3)},
+        "staticegressips": {"default/egress": POLICY},
+    }
+    for name, r in agent.reflectors.items():
+        r.store.update(stores.get(name, {}))
+        r.synced.set()
+    agent.uplink = Uplink("eth0", 1500, "02:00:00:00:00:01")
+    agent.transport = "direct"
+    agent.node_ip = IPv4Address("198.51.100.11")
+    return agent, nft, netlink
+
+
+def tables(batch: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (c["add"]["table"]["family"], c["add"]["table"]["name"])
+        for c in batch["nftables"]
+        if "add" in c and "table" in c["add"]
+    }
+
+
+async def test_named_but_not_granted_is_withheld_then_held_then_let_go() -> None:
+    agent, nft, _ = make_agent()
+    keeper = agent.keeper
+    assert keeper is not None
+    clock = Clock()
+    keeper._clock = clock
+
+    await agent.sync(True)
+    assert agent.applied is not None
+    assert agent.applied.named == (X,)
+    assert agent.applied.owned == ()
+    assert agent.withheld == {X}
+    assert ("ip", LEASE_TABLE) in tables(nft.batches[-1])
+    assert ("arp", LEASE_TABLE) in tables(nft.batches[-1])
+    # Without a grant the node SNATs nothing to X: its pods are dropped (fail closed).
+    assert all(not r.snat for r in agent.applied.rules)
+
+    g = Grant(
+        sender="m/1", node=agent.node, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X})
+    )
+    assert keeper.book.offer(g, now=clock.t, now_wall=0) is None
+    await keeper.apply()
+    assert "198.51.100.200 timeout 2000ms expires 2000ms" in nft.texts[-1]
+    await agent.sync(False)
+    assert agent.applied.owned == (X,)
+    assert agent.withheld == frozenset()
+    assert any(r.snat for r in agent.applied.rules)
+
+    # Nobody renews: at the deadline the node lets go, kernel and dataplane.
+    clock.t += 2.0
+    await keeper._tick()
+    assert "198.51.100.200 timeout 1ms expires 1ms" in nft.texts[-1]
+    await agent.sync(False)
+    assert agent.applied.owned == ()
+    assert agent.withheld == {X}
+    assert agent.metrics.get("fences_total") == 2
+    await agent.api.close()
+
+
+async def test_status_only_follows_the_status_and_removes_the_lease_tables() -> None:
+    agent, nft, _ = make_agent("status-only")
+    assert agent.keeper is None
+    await agent.sync(True)
+    assert agent.applied is not None
+    assert agent.applied.owned == (X,)
+    deleted = {
+        (c["delete"]["table"]["family"], c["delete"]["table"]["name"])
+        for c in nft.batches[-1]["nftables"]
+        if "delete" in c
+    }
+    assert ("ip", LEASE_TABLE) in deleted
+    assert ("arp", LEASE_TABLE) in deleted
+    await agent.api.close()
+
+
+async def test_a_withheld_ip_drops_its_pods_and_never_rebuckets_them() -> None:
+    """While a handoff waits for its grant, a pod keeps its egress IP (dropped
+    meanwhile) instead of moving to the rule's other IP, where conntrack would
+    keep it after the grant arrives."""
+    y = ip_address("198.51.100.201")
+    agent, _, _ = make_agent()
+    policy = json_copy(POLICY)
+    rule = policy["spec"]["rules"][0]
+    del rule["egressip"]
+    rule["egressips"] = [str(X), str(y)]
+    policy["status"]["egressIPs"] = [
+        {"egressIP": str(X), "rule": 0, "gateway": "node-1"},
+        {"egressIP": str(y), "rule": 0, "gateway": "node-2"},
+    ]
+    agent.reflectors["staticegressips"].store["default/egress"] = policy
+    # Pods on node-1 picking each IP, whatever the hash gives.
+    for i in range(2, 40):
+        raw = pod(1)
+        raw["metadata"]["name"] = f"extra-{i}"
+        raw["status"]["podIP"] = f"10.244.1.{i}"
+        raw["status"]["podIPs"] = [{"ip": f"10.244.1.{i}"}]
+        agent.reflectors["pods"].store[f"default/extra-{i}"] = raw
+    await agent.sync(True)
+    assert agent.applied is not None
+    steer = dict(agent.applied.rules[0].steer)
+    picks = {ip: (X, y)[stable_bucket(ip, 2)] for ip in steer}
+    assert {t for ip, t in steer.items() if picks[ip] == X} == {"drop"}
+    slot = {g.node: g.slot for g in agent.applied.gateways}["node-2"]
+    assert {t for ip, t in steer.items() if picks[ip] == y} == {slot}
+    await agent.api.close()
+
+
+def json_copy(obj: dict[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(json.dumps(obj)))
+
+
+async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() -> None:
+    """Its gateway dies and this node takes over: steer -> drop (waiting for
+    the grant) -> local. Its flows were NATed for the old path; they must be
+    reset when the new path starts, or they keep leaving un-SNATed."""
+    agent, _, _ = make_agent()
+    keeper = agent.keeper
+    assert keeper is not None
+    policies = agent.reflectors["staticegressips"].store
+    pod_ip = IPv4Address("10.244.1.5")
+
+    versions = iter(range(100, 200))
+
+    def gateway(node: str) -> None:
+        policy = json_copy(POLICY)
+        policy["status"]["egressIPs"][0]["gateway"] = node
+        policy["metadata"]["resourceVersion"] = str(next(versions))
+        policies["default/egress"] = policy
+
+    gateway("node-2")
+    await agent.sync(True)
+    assert agent.applied is not None
+    assert dict(agent.applied.rules[0].steer)[pod_ip] not in ("drop", "local")
+    FLUSHED.clear()
+    gateway("node-1")  # moved here; no grant yet
+    await agent.sync(False)
+    assert dict(agent.applied.rules[0].steer)[pod_ip] == "drop"
+    assert FLUSHED == []
+    g = Grant(
+        sender="m/1", node=agent.node, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X})
+    )
+    keeper.book.offer(g, now=keeper._clock(), now_wall=0)
+    await keeper.apply()
+    await agent.sync(False)
+    assert dict(agent.applied.rules[0].steer)[pod_ip] == "local"
+    assert [[pod_ip]] == FLUSHED
+    await agent.api.close()

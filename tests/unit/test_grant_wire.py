@@ -1,0 +1,198 @@
+"""Grants and acks on the wire, and a manager replica granting an agent over
+real UDP on loopback, with a fake kernel and an injected clock (no root)."""
+
+from __future__ import annotations
+
+import asyncio
+from ipaddress import IPv4Address, ip_address
+
+import pytest
+
+from staticegress.agent.ownership import OwnershipKeeper
+from staticegress.api.types import IPAddress, NodeName
+from staticegress.dataplane.grants import (
+    Ack,
+    WireError,
+    decode_ack,
+    decode_grant,
+    encode_ack,
+    encode_grant,
+)
+from staticegress.manager.grants import GrantService, decode_map, encode_map
+from staticegress.model.ownership import Grant
+
+KEY = b"k" * 32
+X = ip_address("198.51.100.200")
+A = NodeName("node-1")
+
+
+def test_grants_round_trip_and_tampering_is_detected() -> None:
+    g = Grant(sender="m/1", node=A, epoch=7, seq=3, sent_wall=1.5, ttl=2.0, ips=frozenset({X}))
+    packet = encode_grant(KEY, g)
+    assert decode_grant(KEY, packet) == g
+    with pytest.raises(WireError, match="authentication"):
+        decode_grant(b"o" * 32, packet)
+    forged = packet.replace(b"198.51.100.200", b"198.51.100.201")
+    with pytest.raises(WireError, match="authentication"):
+        decode_grant(KEY, forged)
+    with pytest.raises(WireError):
+        decode_grant(KEY, b"garbage")
+    ack = Ack(node=A, seq=3, held=frozenset({X}), withheld=frozenset(), peers=frozenset(), epoch=7)
+    assert decode_ack(KEY, encode_ack(KEY, ack)) == ack
+    with pytest.raises(WireError, match="not a grant"):
+        decode_grant(KEY, encode_ack(KEY, ack))
+
+
+def test_the_published_map_round_trips() -> None:
+    text = encode_map(12, {X: A})
+    assert decode_map(text) == (12, {X: A})
+    assert decode_map("{not json") is None
+    assert decode_map(None) is None
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self.inherited: frozenset[IPAddress] = frozenset()
+
+    async def set_held(self, text: str) -> None:
+        self.commands.append(text)
+
+    async def current_held(self) -> frozenset[IPAddress]:
+        return self.inherited
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def wait_until(check: object, seconds: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_replica_grants_an_agent_which_holds_acks_and_lets_go() -> None:
+    clock = Clock()
+    kernel = FakeKernel()
+    changes: list[int] = []
+    keeper = OwnershipKeeper(
+        node=A,
+        key=KEY,
+        kernel=kernel,
+        on_change=lambda: changes.append(1),
+        peers=lambda: (frozenset({NodeName("node-2")}), frozenset()),
+        readback=lambda mine: asyncio.sleep(0, result=frozenset()),
+        clock=clock,
+    )
+    keeper.set_mine(frozenset({X}))
+    agent_task = asyncio.create_task(keeper.run(host="127.0.0.1", port=0))
+    await wait_until(lambda: keeper.endpoint._transport is not None)
+    service = GrantService(identity="manager-1", key=KEY, port=keeper.endpoint.port)
+    service.set_targets({A: IPv4Address("127.0.0.1")})
+    service.set_map(5, {X: A})
+    manager_task = asyncio.create_task(service.run())
+    try:
+        await wait_until(lambda: keeper.held_now() == {X})
+        assert any("198.51.100.200 timeout 2000ms expires 2000ms" in c for c in kernel.commands)
+        await wait_until(lambda: service.held().get(A) == frozenset({X}))
+        assert service.heard_by_peers(NodeName("node-2"))
+        assert service.ack_age(A) < 0.3
+        # The map moves X away (a new epoch): the node releases it at once.
+        service.set_map(6, {})
+        await wait_until(lambda: service.held().get(A) == frozenset())
+        assert keeper.held_now() == frozenset()
+        assert "198.51.100.200 timeout 1ms expires 1ms" in kernel.commands[-1]
+        # An agent whose status no longer names it ignores a grant for it.
+        service.set_map(7, {X: A})
+        keeper.set_mine(frozenset())
+        await asyncio.sleep(0.3)
+        assert keeper.held_now() == frozenset()
+        assert changes
+    finally:
+        manager_task.cancel()
+        agent_task.cancel()
+        await asyncio.gather(manager_task, agent_task, return_exceptions=True)
+
+
+async def test_without_grants_the_node_lets_go_at_the_deadline() -> None:
+    """Case 2, agent side: grants stop (partition), the permission lapses."""
+    clock = Clock()
+    kernel = FakeKernel()
+    keeper = OwnershipKeeper(
+        node=A,
+        key=KEY,
+        kernel=kernel,
+        on_change=lambda: None,
+        peers=lambda: (frozenset(), frozenset()),
+        readback=lambda mine: asyncio.sleep(0, result=frozenset()),
+        clock=clock,
+    )
+    keeper.set_mine(frozenset({X}))
+    g = Grant(sender="m/1", node=A, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X}))
+    keeper.book.offer(g, now=clock.t, now_wall=0)
+    await keeper.apply()
+    assert keeper.held_now() == {X}
+    clock.t += 2.0
+    assert keeper.held_now() == frozenset()
+    assert keeper.withheld() == {X}
+
+
+async def test_a_restarted_agent_renews_what_its_kernel_still_holds() -> None:
+    """Case 6: before the agent has listed the status, the kernel's own set counts."""
+    clock = Clock()
+    kernel = FakeKernel()
+    kernel.inherited = frozenset({X})
+    keeper = OwnershipKeeper(
+        node=A,
+        key=KEY,
+        kernel=kernel,
+        on_change=lambda: None,
+        peers=lambda: (frozenset(), frozenset()),
+        readback=lambda mine: asyncio.sleep(0, result=frozenset()),
+        clock=clock,
+    )
+    task = asyncio.create_task(keeper.run(host="127.0.0.1", port=0))
+    try:
+        await wait_until(lambda: keeper.endpoint._transport is not None)
+        assert keeper.mine() == {X}
+        g = Grant(sender="m/1", node=A, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X}))
+        keeper.book.offer(g, now=clock.t, now_wall=0)
+        await keeper.apply()
+        assert keeper.held_now() == {X}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_read_back_keeps_the_lease_when_grants_stop_but_the_api_answers() -> None:
+    """Case 4: the grant port filtered."""
+    clock = Clock()
+    kernel = FakeKernel()
+    reads: list[frozenset[IPAddress]] = []
+
+    async def readback(mine: frozenset[IPAddress]) -> frozenset[IPAddress]:
+        reads.append(mine)
+        return mine
+
+    keeper = OwnershipKeeper(
+        node=A,
+        key=KEY,
+        kernel=kernel,
+        on_change=lambda: None,
+        peers=lambda: (frozenset(), frozenset()),
+        readback=readback,
+        clock=clock,
+    )
+    keeper.set_mine(frozenset({X}))
+    await keeper._tick()
+    assert reads == [frozenset({X})]
+    assert keeper.held_now() == {X}
+    clock.t += 1.9
+    await keeper._tick()
+    assert keeper.held_now() == {X}
