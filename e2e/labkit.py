@@ -199,3 +199,68 @@ spec:
       - name: main
         image: lab.invalid/none:0
 """
+
+
+def egress_lab_object(name: str, eips: list[str], server: str) -> str:
+    """A StaticEgressIP for every `app=client` pod towards `server`, through `eips`."""
+    return json.dumps(
+        {
+            "apiVersion": "staticegressips.io/v1alpha1",
+            "kind": "StaticEgressIP",
+            "metadata": {"name": name},
+            "spec": {
+                "rules": [
+                    {
+                        "egressips": eips,
+                        "pod-selector": {"matchLabels": {"app": "client"}},
+                        "cidr": f"{server}/32",
+                    }
+                ]
+            },
+        }
+    )
+
+
+@contextlib.contextmanager
+def client_lab(
+    binaries: Binaries,
+    cni: plan.CNI,
+    *,
+    name: str = "failover",
+    eips: tuple[str, ...] = ("198.51.100.200", "198.51.100.201"),
+    server: str = "203.0.113.10",
+) -> Iterator[tuple[Lab, dict[str, dict[str, Any]]]]:
+    """A 3-node lab with its agents and managers, a client pod on every node and
+    one StaticEgressIP over `eips` for them, every egress IP assigned and every
+    client leaving with one of them; (lab, node -> client pod). Taken down after."""
+    from staticegress.lab import lab as lablib
+
+    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
+    staticegress("lab", "up", "--nodes", "3", "--cni", cni)
+    try:
+        lab = Lab(
+            cni=cni, nodes=3, kubeconfig=lablib.state_dir() / "admin.kubeconfig", binaries=binaries
+        )
+        lab.apply(spread_deployment("client", 3))
+        pods = {
+            p["spec"]["nodeName"]: p
+            for p in wait_for("client pods", lambda: lab.ready_pods("app=client", 3), seconds=90)
+        }
+        lab.apply(egress_lab_object(name, list(eips), server))
+
+        def settled() -> bool:
+            status = lab.get("staticegressip", name).get("status") or {}
+            entries = status.get("egressIPs") or []
+            return (
+                len(entries) == len(eips)
+                and all(e.get("gateway") for e in entries)
+                and all(
+                    lab.http_source(f"default/{p['metadata']['name']}", server) in eips
+                    for p in pods.values()
+                )
+            )
+
+        wait_for("every egress IP assigned and in use", settled, seconds=30)
+        yield lab, pods
+    finally:
+        staticegress("lab", "down")

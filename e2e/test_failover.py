@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from e2e.labkit import Lab, require_root, spread_deployment, staticegress, wait_for
+from e2e.labkit import Lab, client_lab, require_root, staticegress, wait_for
 from e2e.test_agent import probe, probe_result, target
 from staticegress.controlplane.binaries import Binaries
 from staticegress.lab import lab as lablib
@@ -103,44 +103,8 @@ def uplink_mac(node: str) -> str:
 @pytest.fixture(scope="module", params=plan.CNIS)
 def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[str, Any]]:
     require_root()
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
-    cni = request.param
-    staticegress("lab", "up", "--nodes", "3", "--cni", cni)
-    try:
-        lab = Lab(
-            cni=cni, nodes=3, kubeconfig=lablib.state_dir() / "admin.kubeconfig", binaries=binaries
-        )
-        lab.apply(spread_deployment("client", 3))
-        pods = {
-            p["spec"]["nodeName"]: p
-            for p in wait_for("client pods", lambda: lab.ready_pods("app=client", 3), seconds=90)
-        }
-        lab.apply(
-            json.dumps(
-                {
-                    "apiVersion": "staticegressips.io/v1alpha1",
-                    "kind": "StaticEgressIP",
-                    "metadata": {"name": "failover"},
-                    "spec": {
-                        "rules": [
-                            {
-                                "egressips": list(EIPS),
-                                "pod-selector": {"matchLabels": {"app": "client"}},
-                                "cidr": f"{SERVER}/32",
-                            }
-                        ]
-                    },
-                }
-            )
-        )
-        wait_for(
-            "both egress IPs assigned",
-            lambda: all(g for g, _ in gateways(lab).values()) and len(gateways(lab)) == 2,
-            seconds=30,
-        )
+    with client_lab(binaries, request.param, eips=EIPS, server=SERVER) as (lab, pods):
         yield {"lab": lab, "pods": pods}
-    finally:
-        staticegress("lab", "down")
 
 
 def _pick(world: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:

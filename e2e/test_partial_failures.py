@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 
-from e2e.labkit import Lab, require_root, spread_deployment, staticegress, wait_for
+from e2e.labkit import Lab, client_lab, require_root, wait_for
 from e2e.test_agent import probe, probe_result, target
 from e2e.test_failover import gateways, leader, node_has, uplink_mac
 from staticegress.controlplane.binaries import Binaries
+from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.lab import lab as lablib
 from staticegress.lab import plan
 
@@ -105,48 +106,8 @@ def settle_time(rounds: list[tuple[float, set[str]]], owner: str, since: float) 
 @pytest.fixture(scope="module", params=plan.CNIS)
 def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[str, Any]]:
     require_root()
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
-    cni = request.param
-    staticegress("lab", "up", "--nodes", "3", "--cni", cni)
-    try:
-        lab = Lab(
-            cni=cni, nodes=3, kubeconfig=lablib.state_dir() / "admin.kubeconfig", binaries=binaries
-        )
-        lab.apply(spread_deployment("client", 3))
-        pods = {
-            p["spec"]["nodeName"]: p
-            for p in wait_for("client pods", lambda: lab.ready_pods("app=client", 3), seconds=90)
-        }
-        lab.apply(
-            json.dumps(
-                {
-                    "apiVersion": "staticegressips.io/v1alpha1",
-                    "kind": "StaticEgressIP",
-                    "metadata": {"name": "failover"},
-                    "spec": {
-                        "rules": [
-                            {
-                                "egressips": list(EIPS),
-                                "pod-selector": {"matchLabels": {"app": "client"}},
-                                "cidr": f"{SERVER}/32",
-                            }
-                        ]
-                    },
-                }
-            )
-        )
-        wait_for(
-            "both egress IPs assigned and in use",
-            lambda: (
-                len(gateways(lab)) == 2
-                and all(g for g, _ in gateways(lab).values())
-                and all(lab.http_source(target(p)) in EIPS for p in pods.values())
-            ),
-            seconds=30,
-        )
+    with client_lab(binaries, request.param, eips=EIPS, server=SERVER) as (lab, pods):
         yield {"lab": lab, "pods": pods}
-    finally:
-        staticegress("lab", "down")
 
 
 def _steady(world: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
@@ -323,4 +284,37 @@ def test_leader_cut_from_the_nodes_freezes_and_hands_over(world: dict[str, Any])
     print(
         f"\nleader's path cut ({lab.cni}): {first} froze and handed over to {new_leader}; "
         f"gateways unchanged; {res['lost']} of {res['sent']} probes lost"
+    )
+
+
+def test_filtered_grant_port_keeps_every_gateway(world: dict[str, Any]) -> None:
+    """Case 4: grants dropped on every node. Agents renew from their status read
+    back from the API server; the leader sees every agent silent and freezes."""
+    lab: Lab = world["lab"]
+    eip, _, pod = _steady(world)
+    before = {ip: gw for ip, (gw, _) in gateways(lab).items()}
+    first = leader(lab)
+    proc = probe(pod, duration=9.0, interval=0.01)
+    time.sleep(1.0)
+    with contextlib.ExitStack() as stack:
+        for node in NODES:
+            stack.enter_context(fault(node_ns(node), ("input", f"udp dport {GRANT_PORT}")))
+        time.sleep(6.0)
+        during = {ip: gw for ip, (gw, _) in gateways(lab).items()}
+    res = probe_result(proc)
+    index = int(first.rsplit("-", 1)[1])
+    assert "detector fault" in _manager_log(index), "the leader did not blame its view"
+    assert during == before, f"egress IPs moved: {before} -> {during}"
+    assert set(res["sources"]) == {eip}
+    assert res["longest_gap_ms"] <= 100, f"traffic was interrupted: {res}"
+    assert res["lost"] <= 2, f"probes lost: {res}"
+    renewed = [
+        n
+        for n in NODES
+        if "renewing" in (lablib.state_dir() / "logs" / f"agent-{n}.log").read_text()
+    ]
+    assert renewed, "no gateway renewed its lease from the status"
+    print(
+        f"\ngrant port filtered 6 s ({lab.cni}): gateways unchanged, renewed from the status "
+        f"on {','.join(renewed)}; {res['lost']} of {res['sent']} probes lost"
     )

@@ -396,7 +396,7 @@ class Agent:
         # gating every IP we are named for or still have as an address.
         if self.keeper is not None:
             gated = set(desired.named) | set(self.applied.owned if self.applied else ())
-            batch["nftables"] += render_lease_tables(gated)
+            batch["nftables"] += render_lease_tables(gated, arp_ips=desired.egress_ips)
         else:
             batch["nftables"] += delete_lease_tables()
         if log.isEnabledFor(logging.DEBUG):

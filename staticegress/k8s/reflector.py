@@ -264,6 +264,9 @@ class Reflector:
             if reader is not None and not reader.done():
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+            # Keep what the kernel heard: silence runs on from the last
+            # keepalive answer, not from the last event, once the stream is gone.
+            self.last_heard = self._clock() - self.silent_for()
             self.connected = False
             self._sock = None
             resp.close()

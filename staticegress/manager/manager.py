@@ -376,7 +376,7 @@ class Manager:
                 if planner.pending
                 else "",
             )
-        if planner._unpublished and await self.elector.publish():
+        if planner.unpublished and await self.elector.publish():
             planner.published(at=time.monotonic())
 
     async def sync(self, force: bool) -> None:

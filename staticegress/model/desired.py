@@ -146,6 +146,9 @@ class DesiredState:
     named: tuple[IPv4Address, ...] = ()
     """Egress IPs the status gives this node, held or not: the lease tables gate
     them, and the grant path renews only these."""
+    egress_ips: tuple[IPv4Address, ...] = ()
+    """Every egress IP any StaticEgressIP lists: this node answers ARP for none
+    of them without a live grant, not even for a stale address left behind."""
     cluster: tuple[IPv4Network, ...] = ()
     """Pod, node and configured ranges: never steered, whatever a rule says."""
     remote_pods: tuple[IPv4Address, ...] = ()
@@ -513,6 +516,7 @@ def compute_desired(
             )
         ),
         named=tuple(sorted(named)),
+        egress_ips=tuple(sorted(e for e in owner if isinstance(e, IPv4Address))),
         cluster=tuple(collapse_addresses(cluster)),
         remote_pods=tuple(sorted(remote)),
         return_routes=tuple(sorted(returns.items())) if transport_vxlan else (),

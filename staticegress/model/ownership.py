@@ -196,6 +196,7 @@ class Verdict:
     frozen: bool
     """The leader's view looks implausible: keep every assignment as it is."""
     unreachable: tuple[NodeName, ...] = ()
+    """Nodes silent to the leader (no ack) that no witness confirms lost."""
 
 
 def classify(
@@ -211,10 +212,11 @@ def classify(
 
     A node is reachable if either of the leader's channels (ICMP, grant acks)
     answers, so one filtered protocol changes nothing. The freeze triggers
-    when at least `freeze_share` of the nodes, and at least `freeze_min`, are
-    unreachable from the leader at once and not every such loss is confirmed
-    by a witness (a node that answers us and does not hear them either): a
-    fault of the leader's view, not a mass death. A loss younger than `settle`
+    when at least `freeze_share` of the nodes, and at least `freeze_min`, have
+    gone silent to the leader (no ack) without a witness confirming the loss
+    (a node that answers us, probes them and hears nothing either): that is a
+    fault of the leader's view or of the grant path (a filtered port, a wrong
+    key), not a mass death, and moving IPs would only darken them. A loss younger than `settle`
     counts towards the freeze but moves nothing yet: the leader's probes are
     spread over a round, so its own path failing shows as losses a round apart."""
     health: dict[NodeName, Health] = {}
@@ -222,7 +224,7 @@ def classify(
     for name, v in sorted(views.items()):
         acking = v.ack_age <= ack_timeout
         leader_reaches = v.icmp_up or acking
-        if not leader_reaches:
+        if not acking and not v.witnessed_lost:
             lost.append(name)
         if not v.ready:
             health[name] = Health.NOT_READY
@@ -236,8 +238,7 @@ def classify(
             health[name] = Health.AGENT_LAGGING
         else:
             health[name] = Health.AGENT_DOWN
-    mass = len(lost) >= max(freeze_min, freeze_share * len(views)) and len(views) > 0
-    frozen = mass and not all(views[n].witnessed_lost for n in lost)
+    frozen = len(lost) >= max(freeze_min, freeze_share * len(views)) and len(views) > 0
     return Verdict(health=health, frozen=frozen, unreachable=tuple(lost))
 
 
@@ -328,6 +329,11 @@ class HandoffPlanner:
         for ip in [ip for ip, (_, t) in self.removed_at.items() if now - t >= self.wait + 1]:
             del self.removed_at[ip]
         return dict(self.granted)
+
+    @property
+    def unpublished(self) -> bool:
+        """Whether the map removed something the standbys cannot know of yet."""
+        return bool(self._unpublished)
 
     def published(self, *, at: float) -> None:
         """The map was written where the standbys read it: the handoff wait of

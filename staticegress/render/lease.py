@@ -3,8 +3,10 @@ egress IP only while its grant lasts. Pure.
 
 Two small tables, one for IP packets and one for ARP, each with the same two
 sets:
-- `egress_ips`: the egress IPs this node may be asked to hold (the status
-  names it, or it still has the address); rewritten on every sync;
+- `egress_ips`: for IP packets, the egress IPs this node may be asked to
+  hold (the status names it, or it still has the address); for ARP, every
+  egress IP of the cluster, so a stale address left on the node (after a
+  crash) is never announced without a grant; rewritten on every sync;
 - `held`: the IPs it holds a grant for, each element with a timeout equal to
   what is left of its grant. Only the grant path writes it; the kernel
   removes an element when its timeout runs out, with no user-space action.
@@ -87,12 +89,17 @@ def _gate(family: str, chain: str, left: Json, comment: str) -> list[Json]:
     ]
 
 
-def render_lease_tables(egress_ips: Iterable[IPAddress]) -> list[Json]:
+def render_lease_tables(
+    egress_ips: Iterable[IPAddress], *, arp_ips: Iterable[IPAddress] = ()
+) -> list[Json]:
     """Commands that create the lease tables if missing, restore their rules,
-    and set `egress_ips`, leaving `held` as it is. Goes in the sync's batch."""
-    v4 = sorted(ip for ip in set(egress_ips) if isinstance(ip, IPv4Address))
+    and set `egress_ips` (`egress_ips` for IP, those plus `arp_ips` for ARP),
+    leaving `held` as it is. Goes in the sync's batch."""
+    ip_v4 = sorted(ip for ip in set(egress_ips) if isinstance(ip, IPv4Address))
+    arp_v4 = sorted(ip for ip in set(egress_ips) | set(arp_ips) if isinstance(ip, IPv4Address))
     cmds: list[Json] = []
     for family in FAMILIES:
+        v4 = arp_v4 if family == "arp" else ip_v4
         table = {"family": family, "name": LEASE_TABLE}
         cmds += [
             {"add": {"table": {**table, "comment": "staticegress: egress IP ownership lease"}}},

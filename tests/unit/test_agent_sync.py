@@ -206,7 +206,7 @@ async def test_a_withheld_ip_drops_its_pods_and_never_rebuckets_them() -> None:
     meanwhile) instead of moving to the rule's other IP, where conntrack would
     keep it after the grant arrives."""
     y = ip_address("198.51.100.201")
-    agent, _, _ = make_agent()
+    agent, nft, _ = make_agent()
     policy = json_copy(POLICY)
     rule = policy["spec"]["rules"][0]
     del rule["egressip"]
@@ -230,6 +230,13 @@ async def test_a_withheld_ip_drops_its_pods_and_never_rebuckets_them() -> None:
     assert {t for ip, t in steer.items() if picks[ip] == X} == {"drop"}
     slot = {g.node: g.slot for g in agent.applied.gateways}["node-2"]
     assert {t for ip, t in steer.items() if picks[ip] == y} == {slot}
+    # ARP is gated for every egress IP of the cluster, IP packets for ours only.
+    gated = {
+        (c["add"]["element"]["family"], tuple(c["add"]["element"]["elem"]))
+        for c in nft.batches[-1]["nftables"]
+        if "add" in c and "element" in c["add"] and c["add"]["element"]["name"] == "egress_ips"
+    }
+    assert gated == {("ip", (str(X),)), ("arp", (str(X), str(y)))}
     await agent.api.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from ipaddress import IPv4Address, ip_address
+from typing import Any
 
 import pytest
 
@@ -70,6 +71,29 @@ class Clock:
         return self.t
 
 
+async def no_readback(mine: frozenset[IPAddress]) -> frozenset[IPAddress]:
+    return frozenset()
+
+
+def make_keeper(
+    kernel: FakeKernel,
+    clock: Clock,
+    *,
+    readback: Any = no_readback,
+    peers: Any = lambda: (frozenset(), frozenset()),
+    on_change: Any = lambda: None,
+) -> OwnershipKeeper:
+    return OwnershipKeeper(
+        node=A,
+        key=KEY,
+        kernel=kernel,
+        on_change=on_change,
+        peers=peers,
+        readback=readback,
+        clock=clock,
+    )
+
+
 async def wait_until(check: object, seconds: float = 3.0) -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not check():  # type: ignore[operator]
@@ -81,14 +105,11 @@ async def test_a_replica_grants_an_agent_which_holds_acks_and_lets_go() -> None:
     clock = Clock()
     kernel = FakeKernel()
     changes: list[int] = []
-    keeper = OwnershipKeeper(
-        node=A,
-        key=KEY,
-        kernel=kernel,
+    keeper = make_keeper(
+        kernel,
+        clock,
         on_change=lambda: changes.append(1),
         peers=lambda: (frozenset({NodeName("node-2")}), frozenset()),
-        readback=lambda mine: asyncio.sleep(0, result=frozenset()),
-        clock=clock,
     )
     keeper.set_mine(frozenset({X}))
     agent_task = asyncio.create_task(keeper.run(host="127.0.0.1", port=0))
@@ -124,15 +145,7 @@ async def test_without_grants_the_node_lets_go_at_the_deadline() -> None:
     """Case 2, agent side: grants stop (partition), the permission lapses."""
     clock = Clock()
     kernel = FakeKernel()
-    keeper = OwnershipKeeper(
-        node=A,
-        key=KEY,
-        kernel=kernel,
-        on_change=lambda: None,
-        peers=lambda: (frozenset(), frozenset()),
-        readback=lambda mine: asyncio.sleep(0, result=frozenset()),
-        clock=clock,
-    )
+    keeper = make_keeper(kernel, clock)
     keeper.set_mine(frozenset({X}))
     g = Grant(sender="m/1", node=A, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X}))
     keeper.book.offer(g, now=clock.t, now_wall=0)
@@ -148,15 +161,7 @@ async def test_a_restarted_agent_renews_what_its_kernel_still_holds() -> None:
     clock = Clock()
     kernel = FakeKernel()
     kernel.inherited = frozenset({X})
-    keeper = OwnershipKeeper(
-        node=A,
-        key=KEY,
-        kernel=kernel,
-        on_change=lambda: None,
-        peers=lambda: (frozenset(), frozenset()),
-        readback=lambda mine: asyncio.sleep(0, result=frozenset()),
-        clock=clock,
-    )
+    keeper = make_keeper(kernel, clock)
     task = asyncio.create_task(keeper.run(host="127.0.0.1", port=0))
     try:
         await wait_until(lambda: keeper.endpoint._transport is not None)
@@ -180,15 +185,7 @@ async def test_the_read_back_keeps_the_lease_when_grants_stop_but_the_api_answer
         reads.append(mine)
         return mine
 
-    keeper = OwnershipKeeper(
-        node=A,
-        key=KEY,
-        kernel=kernel,
-        on_change=lambda: None,
-        peers=lambda: (frozenset(), frozenset()),
-        readback=readback,
-        clock=clock,
-    )
+    keeper = make_keeper(kernel, clock, readback=readback)
     keeper.set_mine(frozenset({X}))
     await keeper._tick()
     assert reads == [frozenset({X})]

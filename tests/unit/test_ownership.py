@@ -168,6 +168,23 @@ def test_a_fresh_loss_moves_nothing_yet_but_counts_towards_the_freeze() -> None:
     assert classify({A: settled, B: view(), C: view()}).health[A] is Health.GONE
 
 
+def test_every_agent_silent_while_ping_answers_freezes() -> None:
+    """Case 4: the grant port filtered (or a wrong key): the agents go silent
+    together, their kernels still answer. Moving IPs would only darken them."""
+    silent = view(icmp=True, ack=5.0)
+    v = classify({A: silent, B: silent, C: silent})
+    assert v.frozen
+    assert set(v.health.values()) == {Health.AGENT_DOWN}
+
+
+def test_one_dead_node_and_one_dead_agent_are_two_faults_not_a_detector_fault() -> None:
+    dead = NodeView(icmp_up=False, ack_age=5.0, heard_by_peers=False, witnessed_lost=True)
+    v = classify({A: dead, B: view(ack=5.0), C: view()})
+    assert not v.frozen
+    assert v.health[A] is Health.GONE
+    assert v.health[B] is Health.AGENT_DOWN
+
+
 def test_half_the_candidates_lost_at_once_freezes() -> None:
     """Case 5: the leader's own path is cut."""
     lost = view(icmp=False, ack=5.0, peers=True)
