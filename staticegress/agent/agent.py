@@ -4,7 +4,9 @@ Root tasks, in one TaskGroup (if one dies, the process dies and is restarted):
 six reflectors (StaticEgressIPs, Pods, Nodes, Services, EndpointSlices,
 Namespaces), the SyncRunner, the report writer, the nftables monitor (a
 table of ours removed or edited behind our back forces a full sync at once:
-`dataplane.nftmonitor`), and the health server.
+`dataplane.nftmonitor`), the grant keeper (`agent.ownership`: the egress IPs
+the status gives this node are held only while a manager's grant covers them,
+enforced by the kernel), the peer prober, and the health server.
 
 After every successful sync the agent publishes what it programmed (the
 generation of each relevant StaticEgressIP, and whether it is fenced) to its
@@ -24,8 +26,12 @@ Apply order within one sync, chosen so no packet finds a half-built path:
 
 Shutdown: on SIGTERM the agent exits and leaves the dataplane as it is. A
 rolling upgrade or a crash therefore never opens a window in which selected
-pods leave unsteered; the next agent adopts what it finds. Removing
-everything is a deliberate act: `staticegress agent --cleanup`.
+pods leave unsteered; the next agent adopts what it finds. One thing does not
+wait for it: the egress IPs this node holds lapse in the kernel when their
+grant does (2 s). A restart within that time loses nothing (the new agent
+renews what its kernel still holds on the first grant); a longer stop lets
+the managers move them (docs/fault-model.md). Removing everything is a
+deliberate act: `staticegress agent --cleanup`.
 """
 
 from __future__ import annotations

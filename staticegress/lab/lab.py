@@ -138,6 +138,14 @@ def _ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    if not cmd:
+        # Empty for a moment while `ip netns exec` replaces itself with our
+        # program, and for good once a child has died unreaped (a zombie).
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
     return b"staticegress" in cmd
 
 

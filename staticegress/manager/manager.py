@@ -74,13 +74,12 @@ from staticegress.model.assign import (
 )
 from staticegress.model.ownership import (
     GRANT_TTL,
-    KEEPS,
-    TAKES,
     HandoffPlanner,
     Health,
     NodeView,
     Verdict,
     classify,
+    eligible,
     handoff_wait,
 )
 from staticegress.model.programmed import confirm_programmed, previous_programmed
@@ -173,7 +172,6 @@ class Manager:
         )
         self.planner: HandoffPlanner | None = None
         self._map_text = ""
-        self._last_keep: frozenset[NodeName] | None = None
         self.verdict = Verdict(health={}, frozen=False)
         self._lost_since: dict[NodeName, float] = {}
         self.events = EventRecorder(api, component="staticegress-manager", host=opts.identity)
@@ -329,8 +327,8 @@ class Manager:
         if verdict.frozen != self.verdict.frozen:
             if verdict.frozen:
                 log.error(
-                    "manager=%s detector fault: %d of %d candidate gateways unreachable at "
-                    "once (%s); freezing every assignment and giving up leadership",
+                    "manager=%s detector fault: %d of %d candidate gateways silent at once "
+                    "with no witness (%s); freezing every assignment and giving up leadership",
                     self.opts.identity,
                     len(verdict.unreachable),
                     len(views),
@@ -386,12 +384,7 @@ class Manager:
         verdict = self._judge(nodes)  # every replica: a frozen one will not lead
         if not self.elector.is_leader():
             return
-        keep = frozenset(n for n, h in verdict.health.items() if h in KEEPS)
-        if verdict.frozen and self._last_keep is not None:
-            keep = self._last_keep  # the view is implausible: move nothing
-        self._last_keep = keep
-        healthy = keep
-        accepting = frozenset(n for n, h in verdict.health.items() if h in TAKES) & keep
+        healthy, accepting = eligible(verdict)
         services = frozenset(
             (s.namespace, s.name)
             for s in (parse_service(o) for o in self.reflectors["services"].store.values())
@@ -507,7 +500,8 @@ def _detector_fault(result: PolicyResult, verdict: Verdict) -> PolicyResult:
         "Degraded",
         "True",
         "DetectorFault",
-        f"{len(verdict.unreachable)} candidate gateways look unreachable at once ({lost}): "
+        f"{len(verdict.unreachable)} candidate gateways went silent at once with no "
+        f"witness ({lost}): "
         "assignments are frozen until a replica with a plausible view leads",
     )
     conditions = (*(c for c in result.conditions if c.type != "Degraded"), degraded)

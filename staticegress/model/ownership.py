@@ -242,6 +242,19 @@ def classify(
     return Verdict(health=health, frozen=frozen, unreachable=tuple(lost))
 
 
+def eligible(verdict: Verdict) -> tuple[frozenset[NodeName], frozenset[NodeName]]:
+    """(nodes that keep the egress IPs they own, nodes that may take new ones).
+
+    Frozen, every candidate keeps what it has, whatever the view says: the view
+    is what is in doubt, and a replica that starts out frozen has no earlier
+    view to fall back on."""
+    if verdict.frozen:
+        keep = frozenset(verdict.health)
+    else:
+        keep = frozenset(n for n, h in verdict.health.items() if h in KEEPS)
+    return keep, frozenset(n for n, h in verdict.health.items() if h in TAKES) & keep
+
+
 @dataclass(frozen=True)
 class Pending:
     """A moved egress IP whose new owner must wait before it is granted."""

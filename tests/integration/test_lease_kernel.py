@@ -16,6 +16,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from staticegress.agent.agent import cleanup
 from staticegress.dataplane.lease import NftLease
 from staticegress.dataplane.netns import NetnsRunner
 from staticegress.dataplane.nft import NftApplier
@@ -156,3 +157,14 @@ def test_a_renewal_can_shorten_a_grant(pair: tuple[str, str]) -> None:
     asyncio.run(lease.set_held(render_held({EIP: 0.2}, [])))
     time.sleep(0.3)
     assert asyncio.run(lease.current_held()) == frozenset()
+
+
+def test_cleanup_removes_the_lease_tables(pair: tuple[str, str]) -> None:
+    """Uninstall leaves no gate behind: a gate without grants would drop the
+    address's traffic forever."""
+    gw, _ = pair
+    nft = NftApplier(NetnsRunner(gw))
+    asyncio.run(nft.apply({"nftables": render_lease_tables([EIP])}))
+    assert "staticegress_lease" in _sh("ip", "netns", "exec", gw, "nft", "list", "tables").stdout
+    assert asyncio.run(cleanup(netns=gw, uplink=None)) == []
+    assert _sh("ip", "netns", "exec", gw, "nft", "list", "tables").stdout.strip() == ""

@@ -19,6 +19,7 @@ from staticegress.model.ownership import (
     NodeView,
     Reject,
     classify,
+    eligible,
     handoff_wait,
 )
 
@@ -175,6 +176,16 @@ def test_every_agent_silent_while_ping_answers_freezes() -> None:
     v = classify({A: silent, B: silent, C: silent})
     assert v.frozen
     assert set(v.health.values()) == {Health.AGENT_DOWN}
+
+
+def test_frozen_every_candidate_keeps_what_it_has_and_nobody_takes_more() -> None:
+    """A replica that starts out frozen has no earlier view: it must not unassign."""
+    silent = view(icmp=True, ack=5.0)
+    keep, take = eligible(classify({A: silent, B: silent, C: view()}))
+    assert keep == {A, B, C}
+    assert take == {C}
+    keep, take = eligible(classify({A: silent, B: view(), C: view()}))
+    assert keep == {B, C}
 
 
 def test_one_dead_node_and_one_dead_agent_are_two_faults_not_a_detector_fault() -> None:
