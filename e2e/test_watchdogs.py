@@ -6,7 +6,6 @@ that node's /healthz must report while /livez and the traffic stay up."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -16,8 +15,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from e2e.labkit import Lab, require_root, spread_deployment, staticegress, wait_for
-from e2e.test_agent import probe, probe_result, target
+from e2e.labkit import Lab, client_lab, require_root, wait_for
+from e2e.test_agent import probe, probe_result
 from staticegress.controlplane.binaries import Binaries
 from staticegress.lab import lab as lablib
 from staticegress.lab import plan
@@ -75,47 +74,13 @@ EIP = "198.51.100.200"
 @pytest.fixture(scope="module", params=plan.CNIS)
 def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[str, Any]]:
     require_root()
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
-    cni = request.param
-    staticegress("lab", "up", "--nodes", "3", "--cni", cni)
-    try:
-        lab = Lab(
-            cni=cni, nodes=3, kubeconfig=lablib.state_dir() / "admin.kubeconfig", binaries=binaries
-        )
-        lab.apply(spread_deployment("client", 3))
-        pods = {
-            p["spec"]["nodeName"]: p
-            for p in wait_for("client pods", lambda: lab.ready_pods("app=client", 3), seconds=90)
-        }
-        lab.apply(
-            json.dumps(
-                {
-                    "apiVersion": "staticegressips.io/v1alpha1",
-                    "kind": "StaticEgressIP",
-                    "metadata": {"name": "watchdogs"},
-                    "spec": {
-                        "rules": [
-                            {
-                                "egressip": EIP,
-                                "pod-selector": {"matchLabels": {"app": "client"}},
-                                "cidr": f"{SERVER}/32",
-                            }
-                        ]
-                    },
-                }
-            )
-        )
+    with client_lab(binaries, request.param, name="watchdogs", eips=(EIP,), server=SERVER) as (
+        lab,
+        pods,
+    ):
         gateway = wait_for("a gateway", lambda: gateway_of(lab, EIP), seconds=30)
         director = sorted(n for n in pods if n != gateway)[0]
-        pod = pods[director]
-        wait_for(
-            "the director's pod leaving as the egress IP",
-            lambda: lab.http_source(target(pod)) == EIP,
-            seconds=30,
-        )
-        yield {"lab": lab, "pod": pod, "gateway": gateway, "director": director}
-    finally:
-        staticegress("lab", "down")
+        yield {"lab": lab, "pod": pods[director], "gateway": gateway, "director": director}
 
 
 @pytest.mark.parametrize("role", ["director", "gateway"])

@@ -145,21 +145,16 @@ class GrantService:
     def heard_by_peers(self, node: NodeName, *, within: float = 0.3) -> bool:
         """Whether another node's latest ack (itself fresh) says it hears `node`.
         Both windows are short: the fast path waits for them to close."""
-        now = self._clock()
-        return any(
-            node in st.peers
-            for other, st in self.acks.items()
-            if other != node and now - st.last <= within
-        )
+        return any(node in st.peers for st in self._fresh_others(node, within))
 
     def witnessed_lost(self, node: NodeName, *, within: float = 0.3) -> bool:
         """Whether another node, itself answering, probes `node` and hears nothing."""
+        return any(node in st.silent for st in self._fresh_others(node, within))
+
+    def _fresh_others(self, node: NodeName, within: float) -> list[NodeAcks]:
+        """What every other node said in an ack of the last `within` seconds."""
         now = self._clock()
-        return any(
-            node in st.silent
-            for other, st in self.acks.items()
-            if other != node and now - st.last <= within
-        )
+        return [st for other, st in self.acks.items() if other != node and now - st.last <= within]
 
     # ---------------------------------------------------------------- wire
 

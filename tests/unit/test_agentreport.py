@@ -21,6 +21,7 @@ from staticegress.k8s.agentreport import (
     records_from_store,
 )
 from staticegress.model.programmed import AgentRecord
+from tests.virtual_time import Clock
 
 N = NodeName("node-1")
 
@@ -34,38 +35,6 @@ def _rec(gen: int, *, fenced: bool = False) -> AgentRecord:
         withheld=frozenset({ip}) if fenced else frozenset(),
         owned=frozenset() if fenced else frozenset({ip}),
     )
-
-
-async def _settle(rounds: int = 20) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
-
-
-class Clock:
-    """Virtual time: sleepers wake only when the test advances the clock."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.now + max(seconds, 0.0), fut))
-        await fut
-
-    async def advance(self, seconds: float, step: float = 0.01) -> None:
-        await _settle()
-        end = self.now + seconds
-        while self.now < end - 1e-9:
-            self.now = min(end, self.now + step)
-            for deadline, fut in list(self._sleepers):
-                if deadline <= self.now + 1e-9 and not fut.done():
-                    fut.set_result(None)
-            self._sleepers = [(d, f) for d, f in self._sleepers if not f.done()]
-            await _settle()
 
 
 class FakeWriter:
@@ -90,7 +59,7 @@ class FakeWriter:
 
 @pytest.fixture
 async def harness() -> AsyncIterator[tuple[Clock, FakeWriter, AgentReporter]]:
-    clock = Clock()
+    clock = Clock(step=0.01)
     writer = FakeWriter(clock)
     reporter = AgentReporter(
         writer, min_interval=0.2, retry_interval=0.5, clock=clock, sleep=clock.sleep

@@ -9,39 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from staticegress.agent.sync import SyncRunner, TemporaryError
-
-
-async def _settle(rounds: int = 20) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
-
-
-class Clock:
-    """Virtual time: sleepers wake only when the test advances the clock."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.now + max(seconds, 0.0), fut))
-        await fut
-
-    async def advance(self, seconds: float, step: float = 0.05) -> None:
-        """Move time forward in small steps, letting every woken task run."""
-        await _settle()
-        end = self.now + seconds
-        while self.now < end - 1e-9:
-            self.now = min(end, self.now + step)
-            for deadline, fut in list(self._sleepers):
-                if deadline <= self.now + 1e-9 and not fut.done():
-                    fut.set_result(None)
-            self._sleepers = [(d, f) for d, f in self._sleepers if not f.done()]
-            await _settle()
+from tests.virtual_time import Clock
 
 
 class Harness:
