@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +55,34 @@ def wait_for(
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what} (last: {last})")
+
+
+def node_state(node: str) -> str:
+    """Everything on a node the agent could touch, minus pods, counters, and the
+    link indexes, MACs and link-local addresses a rebuilt (rebooted) node gets anew."""
+    ns = f"{plan.PREFIX}-{node}"
+    parts = []
+    for argv in (
+        ["nft", "list", "ruleset"],
+        ["ip", "rule"],
+        ["ip", "route", "show", "table", "all"],
+        ["ip", "-o", "addr"],
+        ["ip", "-o", "link"],
+    ):
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, check=True
+        ).stdout
+        out = re.sub(r"counter packets \d+ bytes \d+", "counter", out)
+        out = re.sub(r"^\d+: ", "", out, flags=re.MULTILINE)
+        out = re.sub(r"@if\d+", "", out)
+        out = re.sub(r"link/ether [0-9a-f:]+ brd [0-9a-f:]+", "link/ether", out)
+        out = re.sub(r"\\[ \t]+link/ether[ \t]*", " ", out)
+        # Pods' veths (the netns lab's and the CNI plugins'), link-local addresses.
+        lines = sorted(
+            ln for ln in out.splitlines() if not re.search(r"\bve(th)?[0-9a-f]{8}\b|fe80::", ln)
+        )
+        parts.append(f"## {' '.join(argv)}\n" + "\n".join(lines))
+    return "\n".join(parts)
 
 
 @dataclass
@@ -201,8 +230,8 @@ spec:
 """
 
 
-def egress_lab_object(name: str, eips: list[str], server: str) -> str:
-    """A StaticEgressIP for every `app=client` pod towards `server`, through `eips`."""
+def egress_lab_object(name: str, eips: list[str], server: str, app: str = "client") -> str:
+    """A StaticEgressIP for every `app=APP` pod towards `server`, through `eips`."""
     return json.dumps(
         {
             "apiVersion": "staticegressips.io/v1alpha1",
@@ -212,7 +241,7 @@ def egress_lab_object(name: str, eips: list[str], server: str) -> str:
                 "rules": [
                     {
                         "egressips": eips,
-                        "pod-selector": {"matchLabels": {"app": "client"}},
+                        "pod-selector": {"matchLabels": {"app": app}},
                         "cidr": f"{server}/32",
                     }
                 ]

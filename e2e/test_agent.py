@@ -8,7 +8,6 @@ gateway of every egress IP) themselves, as the manager will.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 from e2e.labkit import (
     STATICEGRESS,
     Lab,
+    node_state,
     pod_server,
     require_root,
     spread_deployment,
@@ -38,26 +38,6 @@ EIP_NEW = "198.51.100.202"
 SERVER = "203.0.113.10"
 OTHER = "203.0.113.20"
 NODE_IP = {p.name: str(p.underlay_ip) for p in plan.node_plans(3)}
-
-
-def node_state(node: str) -> str:
-    """Everything on a node the agent could touch, minus pods and counters."""
-    ns = f"{plan.PREFIX}-{node}"
-    parts = []
-    for argv in (
-        ["nft", "list", "ruleset"],
-        ["ip", "rule"],
-        ["ip", "route", "show", "table", "all"],
-        ["ip", "-o", "addr"],
-        ["ip", "-o", "link"],
-    ):
-        out = subprocess.run(
-            ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, check=True
-        ).stdout
-        out = re.sub(r"counter packets \d+ bytes \d+", "counter", out)
-        lines = [ln for ln in out.splitlines() if not re.search(r"\bve[0-9a-f]{8}\b", ln)]
-        parts.append(f"## {' '.join(argv)}\n" + "\n".join(lines))
-    return "\n".join(parts)
 
 
 def set_gateways(lab: Lab, name: str, gateways: dict[str, str | None]) -> None:
@@ -185,7 +165,9 @@ def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[s
 def _ready(node: str) -> bool:
     ip = NODE_IP[node]
     proc = subprocess.run(
-        ["curl", "-s", "-m", "2", f"http://{ip}:9808/readyz"], capture_output=True, text=True
+        ["curl", "-s", "-m", "2", f"http://{ip}:{lablib.AGENT_PORT}/readyz"],
+        capture_output=True,
+        text=True,
     )
     return proc.stdout.strip() == "ok"
 

@@ -44,7 +44,15 @@ def in_node(node: str, *argv: str) -> str:
 
 def http(node: str, path: str) -> tuple[int, str]:
     proc = subprocess.run(
-        ["curl", "-s", "-m", "2", "-w", "\n%{http_code}", f"http://{NODE_IP[node]}:9808{path}"],
+        [
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-w",
+            "\n%{http_code}",
+            f"http://{NODE_IP[node]}:{lablib.AGENT_PORT}{path}",
+        ],
         capture_output=True,
         text=True,
     )

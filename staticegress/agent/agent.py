@@ -6,7 +6,10 @@ Namespaces), the SyncRunner, the report writer, the nftables monitor (a
 table of ours removed or edited behind our back forces a full sync at once:
 `dataplane.nftmonitor`), the grant keeper (`agent.ownership`: the egress IPs
 the status gives this node are held only while a manager's grant covers them,
-enforced by the kernel), the peer prober, and the health server.
+enforced by the kernel), the peer prober, and the health server. With a CNI
+gate (`dataplane.cnigate`), it is installed before anything else starts, a
+keeper puts it back whenever the CNI rewrites its config, and the ready file
+that lets held pods through is written after the first successful sync.
 
 After every successful sync the agent publishes what it programmed (the
 generation of each relevant StaticEgressIP, and whether it is fenced) to its
@@ -30,8 +33,10 @@ pods leave unsteered; the next agent adopts what it finds. One thing does not
 wait for it: the egress IPs this node holds lapse in the kernel when their
 grant does (2 s). A restart within that time loses nothing (the new agent
 renews what its kernel still holds on the first grant); a longer stop lets
-the managers move them (docs/fault-model.md). Removing everything is a
-deliberate act: `staticegress agent --cleanup`.
+the managers move them (docs/fault-model.md). The CNI gate's ready file stays
+too: the kernel state it vouches for outlives the agent, and a reboot voids
+it (it holds the boot id). Removing everything is a deliberate act:
+`staticegress agent --cleanup`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from kubernetes_asyncio import client
@@ -53,14 +60,31 @@ from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
 from staticegress.agent.ownership import OwnershipKeeper
 from staticegress.agent.sync import SyncRunner, TemporaryError
-from staticegress.agent.transport import choose_transport
+from staticegress.agent.transport import choose_transport, node_event
 from staticegress.api.core import parse_node
 from staticegress.api.types import EgressIPRef, IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
+from staticegress.dataplane import bpfcheck
+from staticegress.dataplane.cnigate import (
+    GateConfig,
+    GateKeeper,
+    read_boot_id,
+    uninstall,
+    write_ready,
+)
 from staticegress.dataplane.conntrack import flush_pods
 from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
-from staticegress.dataplane.host import Uplink, announce, find_uplink, prepare_sysctls
+from staticegress.dataplane.host import (
+    PROC_SYS,
+    Uplink,
+    announce,
+    find_uplink,
+    labelled_uplinks,
+    prepare_sysctls,
+    restore_sysctls,
+    sysctl_fix,
+)
 from staticegress.dataplane.lease import NftLease
 from staticegress.dataplane.netlink import ApplyResult, NetlinkApplier
 from staticegress.dataplane.netns import NetnsRunner
@@ -80,6 +104,15 @@ from staticegress.render.nft import TUNNEL, MarkLayout, delete_table_batch, rend
 
 log = logging.getLogger(__name__)
 
+AGENT_HEALTH_PORT = 9744
+"""/livez, /healthz, /readyz and /metrics, on the node's address. Chosen to
+clash with no port commonly taken on nodes (kubelet and kube-proxy 10248-10259,
+CSI liveness probes 9808-9812, node exporters 9100/9796, CNI agents 9099 and
+9890-9965, our grants 9811/udp and VXLAN 4790/udp)."""
+
+GATE_PROBLEM = "CNIGateProblem"
+"""The Node Event reason for what keeps the CNI gate from working."""
+
 
 @dataclass(frozen=True)
 class AgentOptions:
@@ -90,7 +123,7 @@ class AgentOptions:
     cluster_cidrs: tuple[IPv4Network, ...] = ()
     health_address: str | None = None
     """Where /healthz, /readyz and /metrics listen; None: the node's InternalIP."""
-    health_port: int = 9808
+    health_port: int = AGENT_HEALTH_PORT
     min_sync_interval: float = 0.05
     resync_interval: float = 60.0
     max_pending: float = 30.0
@@ -120,6 +153,17 @@ class AgentOptions:
     """The agent's own namespace: where the cluster's transport record lives."""
     report_namespace: str = "staticegress-system"
     """Where this node's agent report (a Lease) is written for the manager."""
+    proc_sys: str = str(PROC_SYS)
+    """Where the node's /proc/sys is writable: a container's own /proc/sys is
+    read-only, so the DaemonSet mounts the node's /proc/sys/net elsewhere."""
+    sysctl_record: str | None = None
+    """Where the settings' values from before our first write are kept, for
+    `cleanup` to restore; None: not kept."""
+    bpffs: str = str(bpfcheck.BPFFS)
+    """The node's BPF filesystem (read for Cilium's pinned tcx links)."""
+    cni_gate: GateConfig | None = None
+    """Install the CNI gate that holds new pods until this node is programmed
+    since boot (`dataplane.cnigate`); None: no gate."""
 
 
 class NftPort(Protocol):
@@ -232,8 +276,17 @@ class Agent:
         self.uplink: Uplink | None = None
         self.node_ip: IPv4Address | None = None
         self.first_sync = asyncio.Event()
+        self.refused: str | None = None
+        """Why this node cannot be programmed (an eBPF dataplane); None: it can."""
+        self.sysctl_problems: list[str] = []
         self._reported_invalid: set[tuple[EgressIPRef, int]] = set()
         self._announcing: set[asyncio.Task[None]] = set()
+        self._node_events: set[asyncio.Task[None]] = set()
+        self.gate = (
+            GateKeeper(opts.cni_gate, on_problem=partial(self._node_problem, GATE_PROBLEM))
+            if opts.cni_gate
+            else None
+        )
         self.last_compute_seconds = 0.0
         self.parse_cache = ParseCache()
         self.withheld: frozenset[IPAddress] = frozenset()
@@ -266,7 +319,14 @@ class Agent:
     # ----------------------------------------------------------------- main
 
     async def run(self) -> None:
+        if self.gate is not None:
+            # First of all: from here on a reboot holds new pods until we are back.
+            await asyncio.to_thread(self.gate.check)
+            self.gate.report()
         async with asyncio.TaskGroup() as tg:
+            if self.gate is not None:
+                tg.create_task(self.gate.run(), name="cni-gate")
+                tg.create_task(self._open_cni_gate(self.gate.cfg), name="cni-ready")
             for r in self.reflectors.values():
                 tg.create_task(r.run(), name=f"reflector-{r.name}")
             early = self.keeper is not None and self.opts.grant_address is not None
@@ -335,8 +395,9 @@ class Agent:
             metrics=self.metrics,
         )
         self.transport = decision.transport
+        await self._check_dataplane()
         # The tunnel's own setting is made once the first sync has created it.
-        await prepare_sysctls(self.netns_runner, uplink=self.uplink.name, tunnel=None)
+        await self._prepare_host(tunnel=None)
 
     # ----------------------------------------------------------------- sync
 
@@ -375,6 +436,8 @@ class Agent:
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()) or self.uplink is None:
             return
+        if self.refused is not None and await self._check_dataplane():
+            return
         assert self.transport is not None
         assert self.node_ip is not None
         start = time.perf_counter()
@@ -410,8 +473,8 @@ class Agent:
         errors: list[str] = []
         res = await self.netlink.apply(spec, phase="add")
         errors += res.errors or []
-        if spec.tunnel is not None:
-            await prepare_sysctls(self.netns_runner, uplink=self.uplink.name, tunnel=TUNNEL)
+        if spec.tunnel is not None or self.sysctl_problems:
+            await self._prepare_host(tunnel=TUNNEL if spec.tunnel is not None else None)
         try:
             await self.nft.apply(batch)
         except NftError as exc:
@@ -519,6 +582,96 @@ class Agent:
             (p.ref, uids.get(p.ref, ""), p.reason, p.message) for p in desired.problems
         )
 
+    # ------------------------------------------------------------- CNI gate
+
+    async def _open_cni_gate(self, cfg: GateConfig) -> None:
+        """Write the ready file once the first sync since boot is in the kernel
+        (its table holds the pods we do not know yet), letting held pods through."""
+        await self.first_sync.wait()
+        delay = 1.0
+        while True:
+            try:
+                await asyncio.to_thread(lambda: write_ready(cfg.ready_file, read_boot_id()))
+            except OSError as exc:
+                message = (
+                    f"cannot write the CNI gate's ready file {cfg.ready_file}: {exc}; "
+                    "new pods on this node stay held"
+                )
+                log.error("node=%s %s", self.node, message)
+                if delay == 1.0:
+                    self._node_problem(GATE_PROBLEM, message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("node=%s CNI gate open: wrote %s", self.node, cfg.ready_file)
+            return
+
+    # ------------------------------------------------------------ host
+
+    async def _check_dataplane(self) -> bool:
+        """Refuse (log, Node Event, not Ready, nothing programmed) while an eBPF
+        dataplane that bypasses netfilter runs here; True while refused."""
+        assert self.uplink is not None
+        why = await bpfcheck.check(
+            self.uplink.name, netns=self.opts.netns, bpffs=Path(self.opts.bpffs)
+        )
+        if why is not None and why != self.refused:
+            log.error(
+                "node=%s refusing to program this node (its selected pods leave unsteered): %s",
+                self.node,
+                why,
+            )
+            self._node_problem("EBPFDataplaneRefused", why)
+            if self.gate is not None:
+                # While refused we program nothing, so the gate would hold the
+                # node's new pods for as long: let them start (the refusal is
+                # reported, and they would not be steered either way).
+                cfg = self.gate.cfg
+                try:
+                    await asyncio.to_thread(lambda: write_ready(cfg.ready_file, read_boot_id()))
+                except OSError as exc:
+                    log.error("node=%s cannot open the CNI gate: %s", self.node, exc)
+        elif why is None and self.refused is not None:
+            log.info("node=%s no eBPF dataplane seen any more: programming", self.node)
+        self.refused = why
+        return why is not None
+
+    async def _prepare_host(self, *, tunnel: str | None) -> None:
+        """Apply the node settings; what cannot be applied keeps us not Ready
+        and is reported once per change (log and Node Event), never raised."""
+        assert self.uplink is not None
+        problems = await prepare_sysctls(
+            self.netns_runner,
+            uplink=self.uplink.name,
+            tunnel=tunnel,
+            root=Path(self.opts.proc_sys),
+            record=Path(self.opts.sysctl_record) if self.opts.sysctl_record else None,
+        )
+        if problems and problems != self.sysctl_problems:
+            fix = sysctl_fix(Path(self.opts.proc_sys))
+            for problem in problems:
+                log.error("node=%s %s", self.node, problem)
+            log.error("node=%s not Ready until the node settings hold: %s", self.node, fix)
+            self._node_problem("SysctlNotSet", f"{'; '.join(problems)}; {fix}")
+        elif not problems and self.sysctl_problems:
+            log.info("node=%s node settings now hold", self.node)
+        self.sysctl_problems = problems
+
+    def _node_problem(self, reason: str, message: str) -> None:
+        """A Warning Event on our Node; never waits."""
+        obj = self.reflectors["nodes"].store.get(self.node) or {}
+        task = asyncio.create_task(
+            node_event(
+                self.api,
+                node=self.node,
+                uid=str((obj.get("metadata") or {}).get("uid", "")),
+                reason=reason,
+                message=message,
+            )
+        )
+        self._node_events.add(task)
+        task.add_done_callback(self._node_events.discard)
+
     # ----------------------------------------------------------- ownership
 
     def _peers(self) -> dict[IPv4Address, NodeName]:
@@ -603,6 +756,10 @@ class Agent:
         self.metrics.set("nft_last_restore_seconds", seconds)
 
     def _ready(self) -> tuple[bool, str]:
+        if self.refused is not None:
+            return False, f"refusing to program this node: {self.refused}"
+        if self.sysctl_problems:
+            return False, f"node settings: {'; '.join(self.sysctl_problems)}"
         if not self.first_sync.is_set():
             return False, "first sync not applied yet"
         age = self.runner.pending_age()
@@ -619,17 +776,40 @@ def _bound_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def cleanup(*, netns: str | None, uplink: str | None) -> list[str]:
-    """Remove our table and every routing object we own; return what failed."""
+async def cleanup(
+    *,
+    netns: str | None,
+    uplink: str | None,
+    cni_gate: GateConfig | None = None,
+    proc_sys: Path = PROC_SYS,
+    sysctl_record: Path | None = None,
+) -> list[str]:
+    """Remove our table and every routing object we own, and with `cni_gate`
+    the gate (logging what was removed); with `sysctl_record`, put the node
+    settings back as they were before us. Return what failed."""
     runner = NetnsRunner(netns)
     errors: list[str] = []
+    # Egress IPs first, while the lease gate still silences them: the other
+    # way round, a leftover address would answer ARP again for a moment.
+    # Without --uplink, every link holding an address with our label.
+    netlink = NetlinkApplier(netns=netns)
+    uplinks: list[str | None] = [uplink] if uplink else [*await labelled_uplinks(netns=netns)]
+    for name in uplinks or [None]:
+        res = await netlink.cleanup(name)
+        errors += res.errors or []
     try:
         batch = delete_table_batch()
         batch["nftables"] += delete_lease_tables()
         await NftApplier(runner).apply(batch)
     except NftError as exc:
         errors.append(f"nftables: {exc}")
-    res = await NetlinkApplier(netns=netns).cleanup(uplink)
-    errors += res.errors or []
+    if sysctl_record is not None:
+        record = sysctl_record
+        errors += await runner.run(lambda: restore_sysctls(root=proc_sys, record=record))
     runner.close()
+    if cni_gate is not None:
+        removed, failed = await asyncio.to_thread(uninstall, cni_gate)
+        for line in removed:
+            log.info("cleanup: %s", line)
+        errors += failed
     return errors

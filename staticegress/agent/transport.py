@@ -84,7 +84,9 @@ async def choose_transport(
         metrics.set("transport_mismatch", 1 if decision.mismatch else 0)
     if decision.mismatch:
         log.warning("node=%s transport mismatch: %s", node, decision.mismatch)
-        await _node_event(api, node=node, uid=node_uid, message=decision.mismatch)
+        await node_event(
+            api, node=node, uid=node_uid, reason="TransportMismatch", message=decision.mismatch
+        )
     return decision
 
 
@@ -99,14 +101,17 @@ async def _alone(
     return TransportDecision(detected, "first", f"{reason}; {why}")
 
 
-async def _node_event(api: client.ApiClient, *, node: str, uid: str, message: str) -> None:
+async def node_event(
+    api: client.ApiClient, *, node: str, uid: str, reason: str, message: str
+) -> None:
+    """A Warning Event on this node's Node; best effort, never raises."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"name": f"{node}.{uuid.uuid4().hex[:12]}", "namespace": NODE_EVENT_NAMESPACE},
         "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid},
-        "reason": "TransportMismatch",
+        "reason": reason,
         "message": message[:1024],
         "type": "Warning",
         "source": {"component": "staticegress-agent", "host": node},
@@ -122,4 +127,4 @@ async def _node_event(api: client.ApiClient, *, node: str, uid: str, message: st
         )
     except Exception as exc:
         # An Event is best effort: the log line above already says it all.
-        log.warning("node=%s TransportMismatch event not recorded: %s", node, exc)
+        log.warning("node=%s %s event not recorded: %s", node, reason, exc)

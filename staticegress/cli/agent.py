@@ -10,9 +10,17 @@ import sys
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from staticegress.agent.agent import Agent, AgentOptions, cleanup
+from staticegress.agent.agent import AGENT_HEALTH_PORT, Agent, AgentOptions, cleanup
 from staticegress.cli.service import run_service
+from staticegress.dataplane.bpfcheck import BPFFS
+from staticegress.dataplane.cnigate import (
+    DEFAULT_BINARY,
+    DEFAULT_READY_FILE,
+    DEFAULT_WAIT_SECONDS,
+    GateConfig,
+)
 from staticegress.dataplane.grants import GRANT_PORT, load_key
+from staticegress.dataplane.host import PROC_SYS
 from staticegress.render.nft import MarkLayout
 
 log = logging.getLogger("staticegress.agent")
@@ -62,7 +70,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--health-address",
         help="address for /healthz, /readyz, /metrics (default: the node's InternalIP)",
     )
-    p.add_argument("--health-port", type=int, default=9808, help="0 disables (default: 9808)")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=AGENT_HEALTH_PORT,
+        help=f"0 disables (default: {AGENT_HEALTH_PORT})",
+    )
     p.add_argument(
         "--min-sync-interval",
         type=float,
@@ -114,17 +127,112 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "once (default: $NODE_IP, else the node's InternalIP once listed)",
     )
     p.add_argument(
+        "--cni-conf-dir",
+        type=Path,
+        metavar="DIR",
+        help="the container runtime's CNI config dir, as mounted (e.g. /host/etc/cni/net.d): "
+        "with --cni-bin-dir, install the CNI gate, which holds new pods after a reboot until "
+        "this node is programmed (default: no gate)",
+    )
+    p.add_argument(
+        "--cni-bin-dir",
+        type=Path,
+        metavar="DIR",
+        help="the container runtime's CNI plugin dir, as mounted (e.g. /host/opt/cni/bin)",
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        default=DEFAULT_READY_FILE,
+        metavar="PATH",
+        help="written after the first sync since boot to let held pods through; the same path "
+        f"on the host (default: {DEFAULT_READY_FILE})",
+    )
+    p.add_argument(
+        "--cni-gate-binary",
+        type=Path,
+        default=DEFAULT_BINARY,
+        metavar="PATH",
+        help=f"the gate plugin to copy into --cni-bin-dir (default: {DEFAULT_BINARY})",
+    )
+    p.add_argument(
+        "--cni-gate-wait",
+        type=int,
+        default=DEFAULT_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="how long the gate holds a pod's sandbox before the runtime retries it "
+        f"(default: {DEFAULT_WAIT_SECONDS})",
+    )
+    p.add_argument(
         "--cleanup",
         action="store_true",
-        help="remove every rule, route, address and link we own, then exit",
+        help="remove every rule, route, address and link we own (and, with the CNI options, "
+        "the CNI gate and its ready file), then exit",
     )
-    p.add_argument("--uplink", help="with --cleanup: the interface egress IPs were added to")
+    p.add_argument(
+        "--uplink",
+        help="with --cleanup: the interface egress IPs were added to "
+        "(default: every interface holding an address with our label)",
+    )
+    p.add_argument(
+        "--proc-sys",
+        type=Path,
+        default=PROC_SYS,
+        metavar="DIR",
+        help="where the node's /proc/sys is writable: in a container /proc/sys is read-only, "
+        "so the DaemonSet mounts the node's /proc/sys/net at /host/proc/sys/net and passes "
+        f"/host/proc/sys (default: {PROC_SYS})",
+    )
+    p.add_argument(
+        "--sysctl-record",
+        type=Path,
+        metavar="PATH",
+        help="keep the node settings we change as they were before our first write since boot "
+        "in this file (on a tmpfs such as /run), for --cleanup to restore (default: not kept)",
+    )
+    p.add_argument(
+        "--bpffs",
+        type=Path,
+        default=BPFFS,
+        metavar="DIR",
+        help="the node's BPF filesystem, read to detect eBPF dataplanes that bypass netfilter "
+        f"(default: {BPFFS})",
+    )
     p.set_defaults(func=run)
 
 
+def _cni_gate(args: argparse.Namespace) -> GateConfig | None:
+    if args.cni_conf_dir is None and args.cni_bin_dir is None:
+        return None
+    if args.cni_conf_dir is None or args.cni_bin_dir is None:
+        raise ValueError("--cni-conf-dir and --cni-bin-dir go together")
+    if not 0 <= args.cni_gate_wait <= 120:
+        raise ValueError("--cni-gate-wait must be within 0..120 seconds")
+    return GateConfig(
+        conf_dir=args.cni_conf_dir,
+        bin_dir=args.cni_bin_dir,
+        binary=args.cni_gate_binary,
+        ready_file=args.ready_file,
+        wait_seconds=args.cni_gate_wait,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        cni_gate = _cni_gate(args)
+    except ValueError as exc:
+        print(f"staticegress agent: {exc}", file=sys.stderr)
+        return 2
     if args.cleanup:
-        errors = asyncio.run(cleanup(netns=None, uplink=args.uplink))
+        errors = asyncio.run(
+            cleanup(
+                netns=None,
+                uplink=args.uplink,
+                cni_gate=cni_gate,
+                proc_sys=args.proc_sys,
+                sysctl_record=args.sysctl_record,
+            )
+        )
         for e in errors:
             log.error("cleanup: %s", e)
         log.info("cleanup done%s", f" with {len(errors)} errors" if errors else "")
@@ -158,6 +266,10 @@ def run(args: argparse.Namespace) -> int:
         grant_port=args.grant_port,
         grant_address=args.grant_address,
         namespace=args.namespace,
+        cni_gate=cni_gate,
+        proc_sys=str(args.proc_sys),
+        sysctl_record=str(args.sysctl_record) if args.sysctl_record else None,
+        bpffs=str(args.bpffs),
     )
 
     async def stopped() -> None:

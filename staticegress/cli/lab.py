@@ -21,7 +21,13 @@ def _say(line: str) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say, agents=not args.no_agents)
+    state = lab.up(
+        nodes=args.nodes,
+        cni=args.cni,
+        progress=_say,
+        agents=not args.no_agents,
+        runtime=args.runtime,
+    )
     kubectl = find(next(c for c in COMPONENTS if c.name == "kubectl"))
     print(lab.describe(state, kubectl))
     return 0
@@ -48,6 +54,8 @@ def _exec(args: argparse.Namespace) -> int:
 def _node(args: argparse.Namespace) -> int:
     if args.action == "kill":
         lab.node_kill(args.name, progress=_say)
+    elif args.action == "reboot":
+        lab.node_reboot(args.name, progress=_say)
     elif args.action == "restore":
         lab.node_restore(args.name, progress=_say)
     else:
@@ -94,9 +102,21 @@ def _kubelet(args: argparse.Namespace) -> int:
             node=node,
             cni=args.cni,
             state_dir=Path(args.state_dir),
+            routes_only=args.routes_only,
         )
     )
     return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    lab.install(progress=_say)
+    return 0
+
+
+def _node_init(args: argparse.Namespace) -> int:
+    from staticegress.lab.realnode import node_init
+
+    return node_init(args.node, args.cni, args.nodes)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -137,6 +157,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument(
         "--no-agents", action="store_true", help="do not run the staticegress agent on the nodes"
     )
+    up.add_argument(
+        "--runtime",
+        choices=["netns", "containerd"],
+        default="netns",
+        help="netns: pods are bare network namespaces and the product runs as host "
+        "processes (fast); containerd: every node runs a real kubelet, containerd, runc, "
+        "CNI plugins and kube-proxy, and the product is installed from its image with "
+        "`kubectl apply -k deploy/` (default: netns)",
+    )
     up.set_defaults(func=_up)
 
     lsub.add_parser(
@@ -145,6 +174,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Stop every lab process and the control plane, delete the "
         "namespaces, links and files.",
     ).set_defaults(func=_down)
+    lsub.add_parser(
+        "install",
+        help="install staticegress on a containerd-runtime lab (kubectl apply -k deploy/)",
+        description="For a lab brought up with --runtime containerd --no-agents: install the "
+        "product from its image with kubectl apply -k deploy/ and the grant-key Secret, "
+        "then wait until every agent and manager pod is Ready.",
+    ).set_defaults(func=_install)
     lsub.add_parser(
         "status",
         help="show nodes, pods and processes",
@@ -168,9 +204,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="kill: the kubelet and every process on the node stop "
         "and its underlay link goes down. restore: link up, kubelet back. "
         "partition: underlay link down only, processes keep running. heal: "
-        "link up again.",
+        "link up again. reboot (containerd runtime): the node loses its kernel state "
+        "and its /run, then boots again; pods restart under the same kubelet.",
     )
-    node.add_argument("action", choices=["kill", "restore", "partition", "heal"])
+    node.add_argument("action", choices=["kill", "restore", "partition", "heal", "reboot"])
     node.add_argument("name", metavar="NODE")
     node.set_defaults(func=_node)
 
@@ -235,7 +272,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     kl.add_argument("--cni", choices=plan.CNIS, required=True)
     kl.add_argument("--kubeconfig", required=True)
     kl.add_argument("--state-dir", required=True)
+    kl.add_argument(
+        "--routes-only",
+        action="store_true",
+        help="only the CNI's routes between nodes (a real kubelet runs the node)",
+    )
     kl.set_defaults(func=_kubelet)
+
+    ni = lsub.add_parser(
+        "node-init",
+        help="(internal) init of a real-runtime node",
+        description="PID 1 of a node's namespaces: mounts, containerd, kubelet, kube-proxy.",
+    )
+    ni.add_argument("--node", required=True)
+    ni.add_argument("--nodes", type=int, required=True)
+    ni.add_argument("--cni", choices=plan.CNIS, required=True)
+    ni.set_defaults(func=_node_init)
 
     sv = lsub.add_parser(
         "serve",

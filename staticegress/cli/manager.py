@@ -13,7 +13,7 @@ from kubernetes_asyncio import client
 
 from staticegress.cli.service import run_service
 from staticegress.dataplane.grants import GRANT_PORT, load_key
-from staticegress.manager.manager import Manager, ManagerOptions
+from staticegress.manager.manager import MANAGER_HEALTH_PORT, Manager, ManagerOptions
 from staticegress.model.assign import DEFAULT_GATEWAY_LABEL
 
 log = logging.getLogger("staticegress.manager")
@@ -73,7 +73,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"agents' UDP port (default: {GRANT_PORT})",
     )
     p.add_argument("--health-address", default="127.0.0.1")
-    p.add_argument("--health-port", type=int, default=9810, help="0 disables")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=MANAGER_HEALTH_PORT,
+        help=f"0 disables (default: {MANAGER_HEALTH_PORT})",
+    )
     p.set_defaults(func=run)
 
 

@@ -251,6 +251,9 @@ class ControlPlane:
                 "--authorization-mode=RBAC",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
+                # Real kubelets (the lab's containerd runtime) are reached for logs
+                # and exec by address: node names resolve nowhere.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 f"--cert-dir={self._dir / 'apiserver-certs'}",
                 *self.apiserver_args,
             ],

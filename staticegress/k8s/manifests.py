@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 _PACKAGE = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +21,16 @@ def deploy_dir() -> Path:
 
 
 CRD_FILE = "crd/staticegressips.io_staticegressips.yaml"
+UNINSTALL_KIT = "uninstall"
+"""The uninstall kit, `kubectl apply -k deploy/uninstall/`."""
 
 
 def load(relative: str) -> list[dict[str, Any]]:
     """Every YAML document of `deploy/<relative>`, anchors resolved."""
+    # Imported here: the agent and manager never read manifests, and their
+    # image need not carry a YAML parser.
+    import yaml
+
     with open(deploy_dir() / relative) as f:
         return [d for d in yaml.safe_load_all(f) if d]
 

@@ -109,9 +109,17 @@ class LabKubelet:
     """Kubelet and CNI for one lab node."""
 
     def __init__(
-        self, *, api: client.ApiClient, node: plan.NodePlan, cni: plan.CNI, state_dir: Path
+        self,
+        *,
+        api: client.ApiClient,
+        node: plan.NodePlan,
+        cni: plan.CNI,
+        state_dir: Path,
+        routes_only: bool = False,
     ) -> None:
         self.api = api
+        self.routes_only = routes_only
+        """Only the CNI's node-to-node routes: a real kubelet runs the node."""
         self.core = client.CoreV1Api(api)
         self.node = node
         self.cni = cni
@@ -138,6 +146,12 @@ class LabKubelet:
     async def run(self) -> None:
         if self.cni == "vxlan":
             self._vtep_mac = await self._ensure_vxlan()
+        if self.routes_only:
+            await self._adopt()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.nodes.run())
+                tg.create_task(self._route_loop())
+            return
         await self._register()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.pods.run())
@@ -220,6 +234,32 @@ class LabKubelet:
                 self.node.name, patch, _content_type=MERGE, _request_timeout=REQUEST_TIMEOUT
             )
         await self._post_status()
+
+    async def _adopt(self) -> None:
+        """With a real kubelet: wait for it to register the Node, then give the
+        Node what the CNI's IPAM owns (the pod range, the VTEP's MAC), as the
+        controller manager's IPAM and an overlay daemon would."""
+        while True:
+            try:
+                obj = await self.core.read_node(self.node.name, _request_timeout=REQUEST_TIMEOUT)
+                break
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("node=%s read failed: %s", self.node.name, exc.reason)
+            except Exception as exc:
+                log.warning("node=%s read failed: %s", self.node.name, exc)
+            await asyncio.sleep(0.5)
+        patch: dict[str, Any] = {}
+        if self._vtep_mac:
+            patch["metadata"] = {"annotations": {plan.VTEP_ANNOTATION: self._vtep_mac}}
+        if not obj.spec.pod_cidr:
+            cidr = str(self.node.pod_cidr)
+            patch["spec"] = {"podCIDR": cidr, "podCIDRs": [cidr]}
+        if patch:
+            await self.core.patch_node(
+                self.node.name, patch, _content_type=MERGE, _request_timeout=REQUEST_TIMEOUT
+            )
+        log.info("node=%s adopted (pod range %s)", self.node.name, self.node.pod_cidr)
 
     async def _post_status(self) -> None:
         await self.core.patch_node_status(
@@ -574,13 +614,20 @@ async def _batch(netns: str, commands: list[str], *, force: bool = False) -> Non
 
 
 async def run_kubelet(
-    *, kubeconfig: Path, node: plan.NodePlan, cni: plan.CNI, state_dir: Path
+    *,
+    kubeconfig: Path,
+    node: plan.NodePlan,
+    cni: plan.CNI,
+    state_dir: Path,
+    routes_only: bool = False,
 ) -> None:
     """Entry point of `staticegress lab kubelet`."""
     from staticegress.k8s.client import api_client
 
     api = await api_client(kubeconfig)
     try:
-        await LabKubelet(api=api, node=node, cni=cni, state_dir=state_dir).run()
+        await LabKubelet(
+            api=api, node=node, cni=cni, state_dir=state_dir, routes_only=routes_only
+        ).run()
     finally:
         await api.close()

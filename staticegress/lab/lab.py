@@ -10,7 +10,7 @@ Layout (names and addresses from `staticegress.lab.plan`):
 `up` builds the namespaces and links, starts the control plane (detached: it
 outlives the command), one lab kubelet per node and the external servers,
 waits until every node is Ready, and records all of it in
-`/run/staticegress/lab/state.json`. `down` removes everything `up` made; it
+`/run/selab/state.json`. `down` removes everything `up` made; it
 also works from a half-built or crashed lab, because it finds the lab's
 pieces by name, not only through the state file.
 
@@ -46,7 +46,7 @@ from staticegress.dataplane.grants import new_key
 from staticegress.k8s.client import REQUEST_TIMEOUT, api_client
 from staticegress.k8s.crd import install_crd
 from staticegress.k8s.manifests import deploy_dir
-from staticegress.lab import plan
+from staticegress.lab import plan, realnode
 from staticegress.lab.kubelet import load_realized
 from staticegress.lab.netns import (
     LabError,
@@ -84,6 +84,11 @@ class LabState:
     agents: bool = True
     """`lab up` started the staticegress agent on every node, as its DaemonSet would;
     without it, `lab agent start NODE` starts them one by one."""
+    runtime: str = "netns"
+    """netns: pods are namespaces and the product runs as host processes;
+    containerd: real kubelets and containerd, the product installed from its image."""
+    image: str = ""
+    """containerd runtime: the product image imported into every node."""
 
     def node_plans(self) -> tuple[plan.NodePlan, ...]:
         return plan.node_plans(self.nodes)
@@ -305,7 +310,8 @@ def _start_kubelet(state: LabState, node: plan.NodePlan) -> None:
     )
 
 
-AGENT_PORT = 9808
+AGENT_PORT = 9744
+"""The agent's health port (its default, `agent.agent.AGENT_HEALTH_PORT`)."""
 
 
 def _start_agent(state: LabState, node: plan.NodePlan) -> None:
@@ -341,6 +347,9 @@ def _start_agent(state: LabState, node: plan.NodePlan) -> None:
 
 
 MANAGERS = 2
+MANAGER_PORT = 9745
+"""The first manager's health port (the default, `manager.manager.MANAGER_HEALTH_PORT`);
+the second, which shares the host namespace, listens on the next one."""
 
 
 def _start_manager(state: LabState, index: int) -> None:
@@ -358,7 +367,7 @@ def _start_manager(state: LabState, index: int) -> None:
             "--health-address",
             str(plan.HOST_IP),
             "--health-port",
-            str(9809 + index),
+            str(MANAGER_PORT + index - 1),
             "--grant-key-file",
             str(grant_key_path()),
         ),
@@ -414,11 +423,12 @@ def _apply_manifest(binaries: Binaries, kubeconfig: Path, relative: str) -> None
     )
 
 
-async def _prepare_cluster(kubeconfig: Path, progress: Progress) -> None:
+async def _prepare_cluster(kubeconfig: Path, progress: Progress, *, crd: bool = True) -> None:
     api = await api_client(kubeconfig)
     try:
-        await install_crd(api)
-        progress("StaticEgressIP CRD installed")
+        if crd:
+            await install_crd(api)
+            progress("StaticEgressIP CRD installed")
         rbac = client.RbacAuthorizationV1Api(api)
         # Kubelets authenticate as system:node:<name> in group system:nodes;
         # with RBAC alone (no Node authorizer) the group needs this binding.
@@ -510,6 +520,7 @@ def up(
     progress: Progress,
     binaries: Binaries | None = None,
     agents: bool = True,
+    runtime: str = "netns",
 ) -> LabState:
     """Bring the lab up, or confirm it is up with the same settings."""
     require_root()
@@ -517,9 +528,15 @@ def up(
     with _locked():
         existing = load_state()
         if existing is not None:
-            if (existing.nodes, existing.cni, existing.agents) != (nodes, cni, agents):
+            if (existing.nodes, existing.cni, existing.agents, existing.runtime) != (
+                nodes,
+                cni,
+                agents,
+                runtime,
+            ):
                 raise LabError(
                     f"the lab is already up with --nodes {existing.nodes} --cni {existing.cni}"
+                    f" --runtime {existing.runtime}"
                     f"{'' if existing.agents else ' --no-agents'}; "
                     "run `staticegress lab down` first to change them"
                 )
@@ -529,11 +546,13 @@ def up(
                 return existing
             progress(f"the lab is broken ({'; '.join(problems)}): rebuilding it")
             _down(progress)
-        elif any(n.startswith(f"{plan.PREFIX}-") for n in netns_list()):
+        elif any(n.startswith(f"{plan.PREFIX}-") for n in netns_list()) or (
+            realnode.NODE_ROOT.exists()
+        ):
             progress("removing leftovers of an earlier lab")
             _down(progress)
         try:
-            return _up(plans, cni, progress, binaries, agents)
+            return _up(plans, cni, progress, binaries, agents, runtime)
         except BaseException:
             progress("lab up failed: removing what was built")
             _down(_quiet)
@@ -546,9 +565,11 @@ def _up(
     progress: Progress,
     binaries: Binaries | None,
     agents: bool,
+    runtime: str,
 ) -> LabState:
     t0 = time.monotonic()
     binaries = binaries or ensure_binaries(progress=progress)
+    assets = _node_assets(progress) if runtime == "containerd" else None
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True)
     _build_underlay(progress)
@@ -576,15 +597,22 @@ def _up(
         admin_kubeconfig=str(admin),
         controlplane_dir=str(cp.workdir),
         agents=agents,
+        runtime=runtime,
     )
     _save_state(state)
-    asyncio.run(_prepare_cluster(admin, progress))
+    # The containerd runtime installs the CRD with the rest of deploy/.
+    asyncio.run(_prepare_cluster(admin, progress, crd=assets is None))
+    if assets is not None:
+        _up_real(state, cp, binaries, assets, plans, progress)
+        progress(f"lab up in {time.monotonic() - t0:.1f}s")
+        return state
 
     kube_dir = d / "kubeconfigs"
     kube_dir.mkdir(exist_ok=True)
     grant_key_path().write_text(new_key() + "\n")
     grant_key_path().chmod(0o600)
     # The agents' identity exists even when they start later (`lab agent start`).
+    _apply_manifest(binaries, admin, "namespace.yaml")
     _apply_manifest(binaries, admin, "rbac/agent.yaml")
     minted = cp.kubeconfig_for_service_account(
         "staticegress-system", "staticegress-agent", expiration_seconds=7 * 86400
@@ -631,6 +659,9 @@ def down(*, progress: Progress) -> None:
 
 def _down(progress: Progress) -> None:
     state = load_state()
+    # Real-runtime nodes first: their containers run in the node namespaces.
+    if stopped := _kill_holders(state):
+        progress(f"stopped {stopped} real-runtime nodes (containers included)")
     if state is not None:
         ours = [pid for pid in state.processes.values() if _ours(pid)]
         if ours:
@@ -652,6 +683,7 @@ def _down(progress: Progress) -> None:
     for name in spaces:
         delete_netns(name)
     run("ip", "link", "delete", plan.HOST_LINK, check=False)
+    _remove_node_root(progress)
     if state_dir().exists():
         shutil.rmtree(state_dir(), ignore_errors=True)
     lock = state_dir().parent / f".{state_dir().name}.lock"
@@ -667,13 +699,16 @@ def status() -> str:
     if state is None:
         return "the lab is down (staticegress lab up brings it up)"
     lines = [
-        f"lab: {state.nodes} nodes, cni {state.cni}, API server {state.server}",
+        f"lab: {state.nodes} nodes, cni {state.cni}, runtime {state.runtime}, "
+        f"API server {state.server}",
         f"kubeconfig: {state.admin_kubeconfig}",
         "",
         "NODE      UNDERLAY        PODCIDR          STATE        KUBELET",
     ]
     for node in state.node_plans():
-        pid = state.processes.get(f"kubelet/{node.name}", 0)
+        pid = state.processes.get(f"kubelet/{node.name}", 0) or state.processes.get(
+            f"node/{node.name}", 0
+        )
         cond = (
             "killed"
             if node.name in state.killed
@@ -685,6 +720,20 @@ def status() -> str:
         lines.append(
             f"{node.name:9} {node.underlay_ip!s:15} {node.pod_cidr!s:16} {cond:12} {kubelet}"
         )
+    if state.runtime == "containerd":
+        with contextlib.suppress(LabError):
+            lines += [
+                "",
+                _kubectl(
+                    ensure_binaries(),
+                    Path(state.admin_kubeconfig),
+                    "get",
+                    "pods",
+                    "-A",
+                    "-o",
+                    "wide",
+                ),
+            ]
     lines += ["", "POD                                      NODE      IP"]
     for pod in load_realized(state_dir()):
         lines.append(f"{pod.namespace + '/' + pod.name:40} {pod.node:9} {pod.ip}")
@@ -718,6 +767,10 @@ def exec_argv(target: str, command: list[str]) -> list[str]:
     state = _require_state()
     if not command:
         raise LabError("nothing to run: lab exec TARGET -- COMMAND [ARGS...]")
+    if "/" in target and state.runtime == "containerd":
+        namespace, name = target.split("/", 1)
+        pod_ip = _real_pod_ip(state, namespace, name)
+        return ["nsenter", "-t", str(realnode.pod_pid(pod_ip)), "-n", *command]
     if "/" in target:
         namespace, name = target.split("/", 1)
         for pod in load_realized(state_dir()):
@@ -751,6 +804,9 @@ def node_kill(name: str, *, progress: Progress) -> None:
         pid = state.processes.get(f"kubelet/{name}", 0)
         if _ours(pid):
             kill_pids([pid], grace=0)
+        holder = state.processes.get(f"node/{name}", 0)
+        if _ours(holder):
+            realnode.kill_node(holder)
         stopped = sum(kill_netns_processes(ns, grace=0) for ns in _node_netns_all(state, node))
         _set_cable(node, False)
         if name not in state.killed:
@@ -766,7 +822,12 @@ def node_restore(name: str, *, progress: Progress) -> None:
         state = _require_state()
         node = _node(state, name)
         _set_cable(node, True)
-        if not _ours(state.processes.get(f"kubelet/{name}", 0)):
+        if state.runtime == "containerd":
+            if not _ours(state.processes.get(f"node/{name}", 0)):
+                # Powered back on: what lived in /run is gone, as after any boot.
+                realnode.wipe_volatile(name)
+                _start_node(state, node)
+        elif not _ours(state.processes.get(f"kubelet/{name}", 0)):
             _start_kubelet(state, node)
         if f"agent/{name}" in state.processes and not _ours(state.processes[f"agent/{name}"]):
             _start_agent(state, node)
@@ -774,6 +835,60 @@ def node_restore(name: str, *, progress: Progress) -> None:
         state.partitioned = [n for n in state.partitioned if n != name]
         _save_state(state)
         progress(f"{name} restored")
+
+
+def node_reboot(name: str, *, progress: Progress) -> None:
+    """Reboot a real-runtime node: every process stops, the kernel state (nft
+    tables, routes, links, addresses) and /run are lost, then the node boots
+    and kubelet starts its pods again."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        if state.runtime != "containerd":
+            raise LabError("lab node reboot needs a lab with --runtime containerd")
+        node = _node(state, name)
+        holder = state.processes.get(f"node/{name}", 0)
+        if _ours(holder):
+            realnode.kill_node(holder)
+        # A new network namespace is a node whose kernel forgot everything. Its
+        # cable goes first: a dying namespace frees its veth only later.
+        run("ip", "-n", plan.NS_UNDERLAY, "link", "delete", node.bridge_port, check=False)
+        delete_netns(node.netns)
+        _build_node(node, state.cni)
+        if name in state.partitioned or name in state.killed:
+            _set_cable(node, False)
+        realnode.wipe_volatile(name)
+        _start_node(state, node)
+        _save_state(state)
+        progress(f"{name} rebooted: kernel state and /run cleared, node booting")
+
+
+def _real_pod_ip(state: LabState, namespace: str, name: str) -> str:
+    binaries = ensure_binaries()
+    out = _kubectl(
+        binaries,
+        Path(state.admin_kubeconfig),
+        "-n",
+        namespace,
+        "get",
+        "pod",
+        name,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ).strip()
+    if not out:
+        raise LabError(f"pod {namespace}/{name} has no IP yet")
+    return out
+
+
+def _real_control(state: LabState, role: str, node: plan.NodePlan, *, kill: bool) -> int:
+    """Stop the product's `role` container on `node` as a crash (SIGKILL) or a
+    clean exit (SIGTERM) would; kubelet restarts it."""
+    pids = realnode.agent_pids(node.netns, role)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    return len(pids)
 
 
 def _process_control(
@@ -806,6 +921,17 @@ def _process_control(
 
 def manager_control(index: int, *, start: bool, kill: bool, progress: Progress) -> None:
     """Stop or start one of the lab's managers."""
+    state = _require_state()
+    if state.runtime == "containerd":
+        if start:
+            progress("managers are Deployment pods: kubelet restarts them on their own")
+            return
+        hosts = [n for n in state.node_plans() if realnode.agent_pids(n.netns, "manager")]
+        if index > len(hosts):
+            raise LabError(f"manager {index} is not running")
+        _real_control(state, "manager", hosts[index - 1], kill=kill)
+        progress(f"the manager container on {hosts[index - 1].name} stopped")
+        return
     _process_control(
         f"manager/{index}",
         f"manager {index}",
@@ -829,6 +955,15 @@ def agent_control(name: str, *, start: bool, kill: bool, progress: Progress) -> 
     """Stop or start one node's agent; stopping leaves its dataplane in place."""
     state = _require_state()
     node = _node(state, name)
+    if state.runtime == "containerd":
+        if start:
+            progress("the agent is a DaemonSet pod: kubelet restarts it on its own")
+            return
+        stopped = _real_control(state, "agent", node, kill=kill)
+        if not stopped:
+            raise LabError(f"no agent process runs on {name}")
+        progress(f"the agent container of {name} stopped{' with SIGKILL' if kill else ''}")
+        return
     _process_control(
         f"agent/{name}",
         f"the agent of {name}",
@@ -879,3 +1014,220 @@ def snapshot_host() -> dict[str, Any]:
         "links": sorted(str(link["ifname"]) for link in links),
         "state": state_dir().exists(),
     }
+
+
+# ------------------------------------------------------- containerd runtime
+
+OVERLAY_DIR = "kustomize"
+DEPLOY_WAIT = 240.0
+
+
+def _node_assets(progress: Progress) -> tuple[realnode.NodeTools, realnode.NodeImages]:
+    """Node binaries and the two images, found or built (cached outside the repo)."""
+    from staticegress.controlplane.binaries import ensure_node_binaries
+    from staticegress.controlplane.images import ensure_pause_image, ensure_product_image
+
+    nb = ensure_node_binaries(progress=progress)
+    pause = ensure_pause_image(progress=progress)
+    product = ensure_product_image(progress=progress)
+    tools = realnode.NodeTools(
+        kubelet=str(nb.kubelet),
+        kube_proxy=str(nb.kube_proxy),
+        containerd=str(nb.containerd),
+        ctr=str(nb.ctr),
+        shim=str(nb.shim),
+        runc=str(nb.runc),
+        cni_plugins=str(nb.cni_bin_dir),
+    )
+    images = realnode.NodeImages(
+        pause_archive=str(pause.archive),
+        pause_ref=pause.ref,
+        product_archive=str(product.archive),
+        product_ref=product.ref,
+    )
+    return tools, images
+
+
+def _start_node(state: LabState, node: plan.NodePlan) -> None:
+    key = f"node/{node.name}"
+    state.processes[key] = _spawn(key, realnode.holder_argv(node, state.cni, state.nodes))
+
+
+def _kubectl(binaries: Binaries, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    return run(str(binaries.kubectl), "--kubeconfig", str(kubeconfig), *args, stdin=stdin)
+
+
+def _up_real(
+    state: LabState,
+    cp: ControlPlane,
+    binaries: Binaries,
+    assets: tuple[realnode.NodeTools, realnode.NodeImages],
+    plans: tuple[plan.NodePlan, ...],
+    progress: Progress,
+) -> None:
+    """Real kubelets and containerd on every node, then the product from its image."""
+    tools, images = assets
+    d = state_dir()
+    admin = Path(state.admin_kubeconfig)
+    kube_dir = d / "kubeconfigs"
+    kube_dir.mkdir(exist_ok=True)
+    proxy = kube_dir / "kube-proxy.kubeconfig"
+    shutil.copyfile(cp.kubeconfig_for_user("system:kube-proxy", ()), proxy)
+    realnode.NODE_ROOT.mkdir(parents=True, exist_ok=True)
+    created = realnode.host_mountpoints()
+    (realnode.NODE_ROOT / "mountpoints.json").write_text(json.dumps(created))
+    (realnode.NODE_ROOT / "cgroups.json").write_text(json.dumps(realnode.container_cgroups()))
+    for p in plans:
+        node_kc = kube_dir / f"{p.name}.kubeconfig"
+        shutil.copyfile(cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",)), node_kc)
+        realnode.prepare_node(
+            p,
+            state.cni,
+            tools=tools,
+            images=images,
+            kubelet_kubeconfig=node_kc,
+            proxy_kubeconfig=proxy,
+            cni_kubeconfig=node_kc,
+        )
+    progress("starting the external servers, and containerd, kubelet and kube-proxy per node")
+    _start_servers(state)
+    for p in plans:
+        _start_node(state, p)
+    _save_state(state)
+    asyncio.run(_wait_ready(admin, [p.name for p in plans], progress, wait_seconds=180))
+    _wait_kube_proxies(plans, progress)
+
+    state.image = images.product_ref
+    _save_state(state)
+    if state.agents:
+        _install_real(state, binaries, progress)
+
+
+def install(*, progress: Progress) -> None:
+    """`lab install`: install the product on a containerd-runtime lab brought up
+    with --no-agents, as an operator would (kubectl apply -k deploy/)."""
+    require_root()
+    with _locked():
+        state = _require_state()
+        if state.runtime != "containerd":
+            raise LabError("lab install needs a lab with --runtime containerd")
+        _install_real(state, ensure_binaries(), progress)
+
+
+def _install_real(state: LabState, binaries: Binaries, progress: Progress) -> None:
+    d = state_dir()
+    admin = Path(state.admin_kubeconfig)
+    overlay = d / OVERLAY_DIR
+    overlay.mkdir(exist_ok=True)
+    name, _, tag = state.image.rpartition(":")
+    # deploy/ unchanged; only the image points at the one imported into the nodes.
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        # kustomize refuses an absolute path to a base: give it a relative one.
+        f"resources:\n- {os.path.relpath(deploy_dir(), overlay)}\n"
+        f"images:\n- name: staticegress\n  newName: {name}\n  newTag: '{tag}'\n"
+    )
+    progress("installing staticegress: kubectl apply -k deploy/ (image override only)")
+    _kubectl(binaries, admin, "apply", "-k", str(overlay))
+    if not grant_key_path().exists():
+        grant_key_path().write_text(new_key() + "\n")
+        grant_key_path().chmod(0o600)
+    secret = _kubectl(
+        binaries,
+        admin,
+        "-n",
+        "staticegress-system",
+        "create",
+        "secret",
+        "generic",
+        "staticegress-grant-key",
+        f"--from-file=key={grant_key_path()}",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    )
+    _kubectl(binaries, admin, "apply", "-f", "-", stdin=secret)
+    wait_deployed(binaries, admin, progress)
+
+
+def _wait_kube_proxies(plans: tuple[plan.NodePlan, ...], progress: Progress) -> None:
+    """Every node's kube-proxy has programmed its table (its healthz says so):
+    before that, Service addresses such as the API server's lead nowhere."""
+    deadline = time.monotonic() + 120
+    pending = list(plans)
+    while pending:
+        node = pending[0]
+        try:
+            url = f"http://{node.underlay_ip}:10256/healthz"
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    pending.pop(0)
+                    continue
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise LabError(f"kube-proxy not healthy on {', '.join(p.name for p in pending)}")
+        time.sleep(0.2)
+    progress("kube-proxy has programmed every node")
+
+
+def wait_deployed(
+    binaries: Binaries, kubeconfig: Path, progress: Progress, timeout: float = DEPLOY_WAIT
+) -> None:
+    """Every agent pod and both manager pods Ready."""
+    for kind in ("daemonset/staticegress-agent", "deployment/staticegress-manager"):
+        progress(f"  waiting for {kind} to be ready")
+        try:
+            _kubectl(
+                binaries,
+                kubeconfig,
+                "-n",
+                "staticegress-system",
+                "rollout",
+                "status",
+                kind,
+                f"--timeout={int(timeout)}s",
+            )
+        except LabError as exc:
+            pods = _kubectl(
+                binaries, kubeconfig, "-n", "staticegress-system", "get", "pods", "-o", "wide"
+            )
+            raise LabError(f"{kind} not ready: {exc}\n{pods}") from None
+    progress("every agent and manager pod is ready")
+
+
+def _kill_holders(state: LabState | None) -> int:
+    """Stop every real-runtime node, also when the state file is gone."""
+    holders = [
+        pid for key, pid in (state.processes.items() if state else []) if key.startswith("node/")
+    ]
+    # Inits of nodes whose holder is unknown (a crashed `up`): found by command line.
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"node-init" in argv and b"staticegress" in argv:
+                holders.append(int(entry.name))
+    stopped = 0
+    for pid in holders:
+        if _ours(pid):
+            realnode.kill_node(pid)
+            stopped += 1
+    return stopped
+
+
+def _remove_node_root(progress: Progress) -> None:
+    root = realnode.NODE_ROOT
+    if not root.exists():
+        return
+    marker = root / "mountpoints.json"
+    created = json.loads(marker.read_text()) if marker.exists() else []
+    cgroups = root / "cgroups.json"
+    if cgroups.exists():
+        removed = realnode.remove_cgroups(json.loads(cgroups.read_text()))
+        progress(f"removed {removed} container cgroups")
+    progress(f"removing {root}")
+    shutil.rmtree(root, ignore_errors=True)
+    realnode.remove_mountpoints(created)

@@ -24,7 +24,9 @@ CNIS: tuple[CNI, ...] = ("host-gw", "vxlan")
 PREFIX = "selab"
 """Every network namespace, host link and state path of the lab starts with this."""
 
-STATE_DIR = Path("/run/staticegress/lab")
+STATE_DIR = Path("/run/selab")
+"""Not under /run/staticegress: a real-runtime node binds its own directory over
+that path, which the product's agent uses on every node."""
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
 ROUTER_IP = IPv4Address("198.51.100.1")

@@ -86,6 +86,10 @@ from staticegress.model.programmed import confirm_programmed, previous_programme
 
 log = logging.getLogger(__name__)
 
+MANAGER_HEALTH_PORT = 9745
+"""/livez, /healthz, /readyz and /metrics; next to the agent's 9744, a range
+no common node component uses (see `agent.agent.AGENT_HEALTH_PORT`)."""
+
 
 @dataclass(frozen=True)
 class ManagerOptions:
@@ -99,7 +103,7 @@ class ManagerOptions:
     up_after: int = 5
     default_label: tuple[str, str] = DEFAULT_GATEWAY_LABEL
     health_address: str = "127.0.0.1"
-    health_port: int = 9810
+    health_port: int = MANAGER_HEALTH_PORT
     grant_key: bytes | None = None
     """The cluster's grant key (required to run: agents hold nothing without grants)."""
     grant_port: int = GRANT_PORT

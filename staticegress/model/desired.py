@@ -154,6 +154,15 @@ class DesiredState:
     remote_pods: tuple[IPv4Address, ...] = ()
     """Selected pods on other nodes: forwarded traffic from them that this node
     does not SNAT is dropped, so a stale director never leaks through us."""
+    remote_pod_ranges: tuple[IPv4Network, ...] = ()
+    """Other nodes' pod ranges. With `steered_destinations`: forwarded traffic from
+    a remote pod this node does not SNAT is dropped, also from a pod too new for
+    this node to know. A director can learn of a pod before its gateway does
+    (after a reboot, pods come back with new IPs), and without this the CNI's
+    masquerade would send those first packets out with the gateway's IP."""
+    steered_destinations: tuple[IPv4Network, ...] = ()
+    """Where any rule could steer traffic: every rule's destinations minus its
+    exclusions (the cluster's ranges are excluded where it is matched)."""
     return_routes: tuple[tuple[IPv4Address, IPv4Address], ...] = ()
     """vxlan transport: SNATed pod IP -> its director's underlay IP, for replies."""
     peers: tuple[tuple[NodeName, IPv4Address], ...] = ()
@@ -502,7 +511,22 @@ def compute_desired(
                     (n for n in rule.destinations if isinstance(n, IPv4Network)),
                     (n for n in rule.excluded if isinstance(n, IPv4Network)),
                 )
+    steerable: list[IPv4Network] = []
+    for pol in policies:
+        for rule in pol.spec.rules:
+            steerable += _subtract(
+                (n for n in rule.destinations if isinstance(n, IPv4Network)),
+                (n for n in rule.excluded if isinstance(n, IPv4Network)),
+            )
+    steered = list(collapse_addresses(steerable))
+    remote_ranges = (
+        collapse_addresses(r for n in nodes.values() if n.name != me for r in n.pod_cidrs)
+        if steered
+        else ()
+    )
     return DesiredState(
+        remote_pod_ranges=tuple(remote_ranges),
+        steered_destinations=tuple(steered),
         local_pod_ranges=local_ranges if held else (),
         known_local_pods=tuple(sorted(known)) if held else (),
         held_destinations=tuple(collapse_addresses(held)),

@@ -38,6 +38,8 @@ The table, as nft prints it (rule K stands for each rule in global order):
           ip saddr @ruleK_snat ct mark set ct mark | RETURN snat ip to ip saddr map @ruleK_snat
         iifname "segress0" fib saddr type != local drop  # tunnel traffic we did not SNAT
         ip saddr @remote_selected_pods ip daddr != @cluster_ranges drop
+        ip saddr @remote_pod_ranges ip daddr @steered_destinations
+          ip daddr != @cluster_ranges drop   # a remote pod too new to know: never masquerade
       }
     }
 
@@ -54,6 +56,7 @@ Why each piece:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -124,6 +127,14 @@ def _set(name: str, comment: str, elems: list[Any], *, interval: bool) -> Json:
     return {"add": {"set": body}}
 
 
+def _range_set(name: str, comment: str, nets: Iterable[IPv4Network]) -> Json:
+    return _set(name, comment, [_elem(n) for n in nets], interval=True)
+
+
+def _addr_set(name: str, comment: str, addrs: Iterable[IPv4Address]) -> Json:
+    return _set(name, comment, [str(a) for a in addrs], interval=False)
+
+
 def _map(name: str, comment: str, value_type: str, elems: list[Any]) -> Json:
     body: Json = {
         "family": FAMILY,
@@ -147,6 +158,11 @@ def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
     if comment:
         body["comment"] = comment[:128]
     return {"add": {"rule": body}}
+
+
+def _drop_rule(chain: str, *matches: Json, comment: str) -> Json:
+    """Count and drop what `matches` select: traffic that must not leave unSNATed."""
+    return _rule(chain, *matches, {"counter": None}, {"drop": None}, comment=comment)
 
 
 def _verdict(target: Steer) -> Json:
@@ -180,18 +196,12 @@ def render_ruleset(
         {"add": {"table": table}},
         {"delete": {"table": table}},
         {"add": {"table": {**table, "comment": "staticegress: owned by the staticegress agent"}}},
-        _set(
+        _range_set(
             "cluster_ranges",
             "pod, node and configured cluster ranges: never steered",
-            [_elem(n) for n in desired.cluster],
-            interval=True,
+            desired.cluster,
         ),
-        _set(
-            "remote_selected_pods",
-            "selected pods on other nodes",
-            [str(a) for a in desired.remote_pods],
-            interval=False,
-        ),
+        _addr_set("remote_selected_pods", "selected pods on other nodes", desired.remote_pods),
     ]
     # Verdict-map elements jump to these chains, so they must exist before the maps.
     for gw in desired.gateways:
@@ -213,22 +223,10 @@ def render_ruleset(
             continue
         label = f"{rule.ref} rule {rule.index}"
         cmds.append(
-            _set(
-                f"rule{k}_destinations",
-                f"{label}: destinations",
-                [_elem(n) for n in rule.destinations],
-                interval=True,
-            )
+            _range_set(f"rule{k}_destinations", f"{label}: destinations", rule.destinations)
         )
         if rule.excluded:
-            cmds.append(
-                _set(
-                    f"rule{k}_excluded",
-                    f"{label}: excluded",
-                    [_elem(n) for n in rule.excluded],
-                    interval=True,
-                )
-            )
+            cmds.append(_range_set(f"rule{k}_excluded", f"{label}: excluded", rule.excluded))
         if rule.steer:
             cmds.append(
                 _map(
@@ -274,32 +272,21 @@ def render_ruleset(
     cmds.append(_chain("prerouting", type="filter", hook="prerouting", prio=-90, policy="accept"))
     if desired.local_pod_ranges and desired.held_destinations:
         cmds += [
-            _set(
-                "local_pod_ranges",
-                "this node's pod ranges",
-                [_elem(n) for n in desired.local_pod_ranges],
-                interval=True,
+            _range_set("local_pod_ranges", "this node's pod ranges", desired.local_pod_ranges),
+            _addr_set(
+                "known_local_pods", "every local pod the agent has seen", desired.known_local_pods
             ),
-            _set(
-                "known_local_pods",
-                "every local pod the agent has seen",
-                [str(a) for a in desired.known_local_pods],
-                interval=False,
-            ),
-            _set(
+            _range_set(
                 "held_destinations",
                 "destinations of the rules that could select a pod not seen yet",
-                [_elem(n) for n in desired.held_destinations],
-                interval=True,
+                desired.held_destinations,
             ),
-            _rule(
+            _drop_rule(
                 "prerouting",
                 _in_set("saddr", "local_pod_ranges"),
                 _in_set("saddr", "known_local_pods", negate=True),
                 _in_set("daddr", "held_destinations"),
                 _in_set("daddr", "cluster_ranges", negate=True),
-                {"counter": None},
-                {"drop": None},
                 comment="a pod the agent has not seen yet: hold it until it is known",
             ),
         ]
@@ -365,7 +352,7 @@ def render_ruleset(
     cmds += rules_post
     if transport == "vxlan":
         cmds.append(
-            _rule(
+            _drop_rule(
                 "postrouting",
                 {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": TUNNEL}},
                 # The tunnel's own outer packets also show the tunnel as their
@@ -377,22 +364,34 @@ def render_ruleset(
                         "right": "local",
                     }
                 },
-                {"counter": None},
-                {"drop": None},
                 comment="tunnel traffic this node does not SNAT",
             )
         )
     if desired.remote_pods:
         cmds.append(
-            _rule(
+            _drop_rule(
                 "postrouting",
                 _in_set("saddr", "remote_selected_pods"),
                 _in_set("daddr", "cluster_ranges", negate=True),
-                {"counter": None},
-                {"drop": None},
                 comment="a remote selected pod this node does not SNAT",
             )
         )
+    if desired.remote_pod_ranges and desired.steered_destinations:
+        cmds += [
+            _range_set("remote_pod_ranges", "other nodes' pod ranges", desired.remote_pod_ranges),
+            _range_set(
+                "steered_destinations",
+                "where any rule could steer traffic",
+                desired.steered_destinations,
+            ),
+            _drop_rule(
+                "postrouting",
+                _in_set("saddr", "remote_pod_ranges"),
+                _in_set("daddr", "steered_destinations"),
+                _in_set("daddr", "cluster_ranges", negate=True),
+                comment="a remote pod this node does not SNAT, maybe one it does not know yet",
+            ),
+        ]
     return {"nftables": cmds}
 
 

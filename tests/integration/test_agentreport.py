@@ -51,6 +51,7 @@ async def _eventually(
 @pytest.fixture(scope="module")
 def identities(control_plane: ControlPlane, kubectl: Callable[..., str]) -> tuple[Path, Path]:
     """The agent's and the manager's kubeconfigs, as the lab mints them."""
+    kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"))
     kubectl("apply", "-f", str(DEPLOY / "rbac" / "agent.yaml"))
     kubectl("apply", "-f", str(DEPLOY / "rbac" / "manager.yaml"))
     agent = control_plane.kubeconfig_for_service_account(NS, "staticegress-agent")

@@ -27,6 +27,7 @@ DEPLOY = Path(__file__).parents[2] / "deploy"
 
 @pytest.fixture(scope="module")
 def agent_kubeconfig(control_plane: ControlPlane, kubectl: Callable[..., str]) -> Path:
+    kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"))
     kubectl("apply", "-f", str(DEPLOY / "rbac" / "agent.yaml"))
     return control_plane.kubeconfig_for_service_account(NS, "staticegress-agent")
 

@@ -103,7 +103,8 @@ class Clock:
 FLUSHED: list[list[IPv4Address]] = []
 
 
-def make_agent(ownership: str = "grants") -> tuple[Agent, FakeNft, FakeNetlink]:
+def make_agent(ownership: str = "grants", **options: Any) -> tuple[Agent, FakeNft, FakeNetlink]:
+    """An agent of node-1 with its stores filled; `options` go to AgentOptions."""
     nft, netlink = FakeNft(), FakeNetlink()
     announced: list[IPv4Address] = []
 
@@ -120,6 +121,7 @@ def make_agent(ownership: str = "grants") -> tuple[Agent, FakeNft, FakeNetlink]:
         ownership=ownership,  # type: ignore[arg-type]
         grant_key=b"k" * 32,
         health_port=0,
+        **options,
     )
     agent = Agent(
         client.ApiClient(), opts, nft=nft, netlink=netlink, announcer=announce, flusher=flush

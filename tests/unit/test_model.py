@@ -152,3 +152,19 @@ def test_empty_snapshot_gives_empty_state() -> None:
     data = {"node": "node-1", "nodes": [], "pods": []}
     desired = compute_desired(scenario.snapshot(data), scenario.config(data))
     assert desired == DesiredState()
+
+
+def test_a_gateway_guards_every_remote_pod_range_not_only_the_pods_it_knows() -> None:
+    """A director can learn of a new pod before the gateway does; the gateway must
+    drop that pod's steered traffic, not let the CNI masquerade it with its own IP."""
+    data = scenario.load("mixed")
+    data["node"] = "node-2"
+    desired = compute_desired(scenario.snapshot(data), scenario.config(data))
+    assert [str(n) for n in desired.remote_pod_ranges] == ["10.244.1.0/24", "10.244.3.0/24"]
+    assert IPv4Network("10.244.2.0/24") not in desired.remote_pod_ranges
+    assert [str(n) for n in desired.steered_destinations] == ["0.0.0.0/0"]
+    # Without any rule there is nothing to steer and nothing to guard.
+    data["staticegressips"] = []
+    quiet = compute_desired(scenario.snapshot(data), scenario.config(data))
+    assert quiet.remote_pod_ranges == ()
+    assert quiet.steered_destinations == ()

@@ -1,0 +1,3 @@
+module staticegress.local/cnigate
+
+go 1.22
