@@ -1152,8 +1152,9 @@ def _install_real(state: LabState, binaries: Binaries, progress: Progress) -> No
 
 
 def _wait_kube_proxies(plans: tuple[plan.NodePlan, ...], progress: Progress) -> None:
-    """Every node's kube-proxy has programmed its table (its healthz says so):
-    before that, Service addresses such as the API server's lead nowhere."""
+    """Every node's kube-proxy has programmed its table: it answers its healthz
+    and its nftables table exists (its healthz says healthy before the first
+    sync). Before that, Service addresses such as the API server's lead nowhere."""
     deadline = time.monotonic() + 120
     pending = list(plans)
     while pending:
@@ -1161,11 +1162,17 @@ def _wait_kube_proxies(plans: tuple[plan.NodePlan, ...], progress: Progress) -> 
         try:
             url = f"http://{node.underlay_ip}:10256/healthz"
             with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    pending.pop(0)
-                    continue
+                healthy = resp.status == 200
         except OSError:
-            pass
+            healthy = False
+        listed = subprocess.run(
+            ["ip", "netns", "exec", node.netns, "nft", "list", "table", "ip", "kube-proxy"],
+            capture_output=True,
+            check=False,
+        )
+        if healthy and listed.returncode == 0:
+            pending.pop(0)
+            continue
         if time.monotonic() > deadline:
             raise LabError(f"kube-proxy not healthy on {', '.join(p.name for p in pending)}")
         time.sleep(0.2)
