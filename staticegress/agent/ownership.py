@@ -224,7 +224,9 @@ class OwnershipKeeper:
             await self.apply()
         mine = self.mine()
         silent = self.book.silent_for(now)
-        if mine and silent > GRANT_TTL / 2 and now - self._last_readback >= 0.5:
+        # From a quarter of the TTL on, so that one slow or lost read (a loaded
+        # API server) still leaves another try before the kernel's deadline.
+        if mine and silent > GRANT_TTL / 4 and now - self._last_readback >= 0.5:
             self._last_readback = now
             sent = self._clock()
             try:
