@@ -128,6 +128,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_identity(p: argparse.ArgumentParser) -> None:
+    """Which lab node an internal per-node process serves."""
+    p.add_argument("--node", required=True)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--cni", choices=plan.CNIS, required=True)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "lab",
@@ -267,9 +274,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="(internal) the lab kubelet of one node",
         description="Run the lab kubelet and CNI for one node; `lab up` starts one per node.",
     )
-    kl.add_argument("--node", required=True)
-    kl.add_argument("--nodes", type=int, required=True)
-    kl.add_argument("--cni", choices=plan.CNIS, required=True)
+    _node_identity(kl)
     kl.add_argument("--kubeconfig", required=True)
     kl.add_argument("--state-dir", required=True)
     kl.add_argument(
@@ -284,9 +289,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="(internal) init of a real-runtime node",
         description="PID 1 of a node's namespaces: mounts, containerd, kubelet, kube-proxy.",
     )
-    ni.add_argument("--node", required=True)
-    ni.add_argument("--nodes", type=int, required=True)
-    ni.add_argument("--cni", choices=plan.CNIS, required=True)
+    _node_identity(ni)
     ni.set_defaults(func=_node_init)
 
     sv = lsub.add_parser(

@@ -374,6 +374,26 @@ def _start_manager(state: LabState, index: int) -> None:
     )
 
 
+def _private_copy(src: Path | str, dest: Path) -> Path:
+    """Copy a credential where only root may read it."""
+    shutil.copyfile(src, dest)
+    dest.chmod(0o600)
+    return dest
+
+
+def _node_kubeconfig(cp: ControlPlane, kube_dir: Path, node: plan.NodePlan) -> Path:
+    """A kubelet's credentials: user system:node:NAME in group system:nodes."""
+    minted = cp.kubeconfig_for_user(f"system:node:{node.name}", ("system:nodes",))
+    return _private_copy(minted, kube_dir / f"{node.name}.kubeconfig")
+
+
+def _ensure_grant_key() -> None:
+    """The lab's grant key, made once per lab."""
+    if not grant_key_path().exists():
+        grant_key_path().write_text(new_key() + "\n")
+        grant_key_path().chmod(0o600)
+
+
 def grant_key_path() -> Path:
     """The lab's grant key, as a Secret mounted in every agent and manager would be."""
     return state_dir() / "grant.key"
@@ -587,9 +607,7 @@ def _up(
         progress=progress,
     )
     cp.start()
-    admin = d / "admin.kubeconfig"
-    shutil.copyfile(cp.admin_kubeconfig, admin)
-    admin.chmod(0o600)
+    admin = _private_copy(cp.admin_kubeconfig, d / "admin.kubeconfig")
     state = LabState(
         nodes=len(plans),
         cni=cni,
@@ -609,26 +627,25 @@ def _up(
 
     kube_dir = d / "kubeconfigs"
     kube_dir.mkdir(exist_ok=True)
-    grant_key_path().write_text(new_key() + "\n")
-    grant_key_path().chmod(0o600)
+    _ensure_grant_key()
     # The agents' identity exists even when they start later (`lab agent start`).
     _apply_manifest(binaries, admin, "namespace.yaml")
     _apply_manifest(binaries, admin, "rbac/agent.yaml")
-    minted = cp.kubeconfig_for_service_account(
-        "staticegress-system", "staticegress-agent", expiration_seconds=7 * 86400
+    _private_copy(
+        cp.kubeconfig_for_service_account(
+            "staticegress-system", "staticegress-agent", expiration_seconds=7 * 86400
+        ),
+        kube_dir / "agent.kubeconfig",
     )
-    shutil.copyfile(minted, kube_dir / "agent.kubeconfig")
-    (kube_dir / "agent.kubeconfig").chmod(0o600)
     _apply_manifest(binaries, admin, "rbac/manager.yaml")
-    minted = cp.kubeconfig_for_service_account(
-        "staticegress-system", "staticegress-manager", expiration_seconds=7 * 86400
+    _private_copy(
+        cp.kubeconfig_for_service_account(
+            "staticegress-system", "staticegress-manager", expiration_seconds=7 * 86400
+        ),
+        kube_dir / "manager.kubeconfig",
     )
-    shutil.copyfile(minted, kube_dir / "manager.kubeconfig")
-    (kube_dir / "manager.kubeconfig").chmod(0o600)
     for p in plans:
-        minted = cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",))
-        shutil.copyfile(minted, kube_dir / f"{p.name}.kubeconfig")
-        (kube_dir / f"{p.name}.kubeconfig").chmod(0o600)
+        _node_kubeconfig(cp, kube_dir, p)
     progress("starting the external servers and one lab kubelet per node")
     _start_servers(state)
     for p in plans:
@@ -1071,15 +1088,15 @@ def _up_real(
     admin = Path(state.admin_kubeconfig)
     kube_dir = d / "kubeconfigs"
     kube_dir.mkdir(exist_ok=True)
-    proxy = kube_dir / "kube-proxy.kubeconfig"
-    shutil.copyfile(cp.kubeconfig_for_user("system:kube-proxy", ()), proxy)
+    proxy = _private_copy(
+        cp.kubeconfig_for_user("system:kube-proxy", ()), kube_dir / "kube-proxy.kubeconfig"
+    )
     realnode.NODE_ROOT.mkdir(parents=True, exist_ok=True)
     created = realnode.host_mountpoints()
     (realnode.NODE_ROOT / "mountpoints.json").write_text(json.dumps(created))
     (realnode.NODE_ROOT / "cgroups.json").write_text(json.dumps(realnode.container_cgroups()))
     for p in plans:
-        node_kc = kube_dir / f"{p.name}.kubeconfig"
-        shutil.copyfile(cp.kubeconfig_for_user(f"system:node:{p.name}", ("system:nodes",)), node_kc)
+        node_kc = _node_kubeconfig(cp, kube_dir, p)
         realnode.prepare_node(
             p,
             state.cni,
@@ -1130,9 +1147,7 @@ def _install_real(state: LabState, binaries: Binaries, progress: Progress) -> No
     )
     progress("installing staticegress: kubectl apply -k deploy/ (image override only)")
     _kubectl(binaries, admin, "apply", "-k", str(overlay))
-    if not grant_key_path().exists():
-        grant_key_path().write_text(new_key() + "\n")
-        grant_key_path().chmod(0o600)
+    _ensure_grant_key()
     secret = _kubectl(
         binaries,
         admin,
@@ -1210,9 +1225,7 @@ def _kill_holders(state: LabState | None) -> int:
         pid for key, pid in (state.processes.items() if state else []) if key.startswith("node/")
     ]
     # Inits of nodes whose holder is unknown (a crashed `up`): found by command line.
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in realnode.processes():
         with contextlib.suppress(OSError):
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             if b"node-init" in argv and b"staticegress" in argv:

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,12 +375,15 @@ def node_pidns(holder: int) -> str | None:
     return None
 
 
+def processes() -> Iterator[Path]:
+    """Every process's /proc directory."""
+    return (entry for entry in Path("/proc").iterdir() if entry.name.isdigit())
+
+
 def pids_in_pidns(pidns: str) -> list[int]:
     """Processes whose PID namespace is `pidns` (not counting nested ones)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in processes():
         with contextlib.suppress(OSError):
             if os.readlink(entry / "ns" / "pid") == pidns:
                 found.append(int(entry.name))
@@ -417,9 +421,7 @@ def pod_pid(pod_ip: str) -> int:
     Pod network namespaces are mounted inside the node, invisible to the host,
     so they are found through the process that holds each one."""
     seen: set[str] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in processes():
         try:
             if (entry / "comm").read_text().strip() != "pause":
                 continue
@@ -450,9 +452,7 @@ def agent_pids(netns: str, role: str) -> list[int]:
     with contextlib.suppress(OSError):
         node_inode = os.stat(f"/run/netns/{netns}").st_ino
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in processes():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             inode = os.stat(entry / "ns" / "net").st_ino
