@@ -76,6 +76,7 @@ def host_snapshot() -> dict[str, object]:
         line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
     )
     snap["paths"] = {p: Path(p).exists() for p, _ in realnode.MOUNTS}
+    snap["host_defaults"] = {p: Path(p).exists() for p in realnode.HOST_DEFAULTS}
     snap["node_root"] = realnode.NODE_ROOT.exists()
     snap["cgroups"] = realnode.container_cgroups()
     snap["controlplane_dirs"] = sorted(
@@ -176,6 +177,11 @@ def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[s
             cni=cni, nodes=NODES, kubeconfig=lablib.state_dir() / "admin.kubeconfig",
             binaries=binaries,
         )  # fmt: skip
+        for node in NODE_IP:
+            # node-init restarts a daemon that exits, which hides a boot-time
+            # crash from everything but this log (nodes racing for a shared path).
+            boot = (realnode.node_dir(node) / "logs" / "node-init.log").read_text()
+            assert "containerd exited" not in boot, f"{node} lost containerd at boot:\n{boot}"
         pristine = {n: node_state(n) for n in NODE_IP}
         start = time.monotonic()
         staticegress("lab", "install", timeout=600)

@@ -26,6 +26,7 @@ together with the node's kernel state, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -64,6 +65,11 @@ CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 
 CNI_NETWORK = "selab"
 
+HOST_DEFAULTS = ("/run/nri", "/opt/containerd")
+"""Host paths containerd creates by default, outside the node's bind mounts: the
+lab configures it away from them, so nodes share neither and `lab down` has
+nothing there to remove."""
+
 WORKLOAD_IMAGE = "lab.invalid/none:0"
 """The image the lab's test workloads name; on real nodes it is the pause image."""
 
@@ -94,6 +100,23 @@ class NodeTools:
 
 def node_dir(name: str) -> Path:
     return NODE_ROOT / name
+
+
+def log_tails(name: str, lines: int = 25) -> str:
+    """Whether a node's init still runs, and the last lines of its own, containerd's
+    and kubelet's logs, indented, for an error message: a failed start removes
+    the node directory that holds them."""
+    pid = node_init_pid(name)
+    out = [f"    node-init: {f'running (pid {pid})' if pid else 'not running: the node is down'}"]
+    for process in ("node-init", "containerd", "kubelet"):
+        path = node_dir(name) / "logs" / f"{process}.log"
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as exc:
+            tail = [f"(no log: {exc})"]
+        out.append(f"    --- {process} ---")
+        out.extend(f"    {line[:400]}" for line in tail)
+    return "\n".join(out)
 
 
 def host_mountpoints() -> list[str]:
@@ -188,6 +211,19 @@ state = "/run/containerd/state"
   # Pod network namespaces are mounted under the node's state, not in the
   # host's /run/netns, where `ip netns` would list them.
   netns_mounts_under_state_dir = true
+
+# Two defaults name host paths outside the node's bind mounts, so every node
+# would share them and `lab down` would leave them behind.
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base / "opt"}"
+
+[plugins."io.containerd.nri.v1.nri"]
+  # NRI's socket is /var/run/nri/nri.sock for every node. Each containerd
+  # unlinks it and binds its own; when nodes boot together two can unlink
+  # before either binds, and the loser's CRI plugin exits containerd with
+  # "listen unix /var/run/nri/nri.sock: bind: address already in use".
+  # The lab runs no NRI plugin.
+  disable = true
 """
 
 
@@ -363,6 +399,19 @@ def holder_argv(node: plan.NodePlan, cni: plan.CNI, nodes: int) -> list[str]:
     ]
 
 
+def node_init_pid(name: str) -> int | None:
+    """The host pid of a node's `lab node-init`, if it runs (its holder, whose
+    command line names it too, is not it)."""
+    for entry in processes():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if argv[1:5] == [b"-m", b"staticegress", b"lab", b"node-init"] and (
+                argv[argv.index(b"--node") + 1] == name.encode()
+            ):
+                return int(entry.name)
+    return None
+
+
 def node_pidns(holder: int) -> str | None:
     """The PID namespace of a node, read from its init (the holder's child)."""
     try:
@@ -484,7 +533,12 @@ class NodeInit:
         self.stopping = False
 
     def say(self, line: str) -> None:
+        """Log a line to the holder's log and, timestamped as containerd and
+        kubelet stamp theirs, to the node's own `logs/node-init.log`."""
         print(f"[node-init {self.node.name}] {line}", flush=True)
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        with open(self.base / "logs" / "node-init.log", "a") as log:
+            log.write(f"{stamp} {line}\n")
 
     def mount(self) -> None:
         for target, sub in MOUNTS:
@@ -562,14 +616,35 @@ class NodeInit:
             check=False,
         )
 
-    def import_images(self) -> None:
+    def wait_containerd(self) -> None:
+        """Until containerd answers, restarting it whenever it exits."""
         deadline = time.monotonic() + 60
         while self._ctr("version").returncode != 0:
             self.reap()
             if time.monotonic() > deadline:
                 raise LabError("containerd did not answer within 60s")
             time.sleep(0.2)
-        present = set(self._ctr("images", "ls", "-q").stdout.split())
+
+    def import_images(self, attempts: int = 3) -> None:
+        """Import the lab's images, again after a failure: containerd can exit
+        under an import (`reap` restarts it), and a node whose init gives up
+        here never starts kubelet, so it never registers."""
+        failure = None
+        for attempt in range(1, attempts + 1):
+            self.wait_containerd()
+            failure = self._import_missing()
+            if failure is None:
+                return
+            self.say(f"{failure} (attempt {attempt} of {attempts})")
+            time.sleep(1)
+        raise LabError(f"images not imported: {failure}")
+
+    def _import_missing(self) -> str | None:
+        """Import what containerd lacks; the first failure, or None."""
+        listed = self._ctr("images", "ls", "-q")
+        if listed.returncode != 0:
+            return f"listing images: {listed.stderr.strip()}"
+        present = set(listed.stdout.split())
         for archive, ref in (
             (self.images.pause_archive, self.images.pause_ref),
             (self.images.product_archive, self.images.product_ref),
@@ -580,11 +655,14 @@ class NodeInit:
                 "images", "import", "--base-name", ref.rsplit(":", 1)[0], "--digests", archive
             )
             if res.returncode != 0:
-                raise LabError(f"importing {archive}: {res.stderr.strip()}")
+                return f"importing {archive}: {res.stderr.strip()}"
             self.say(f"imported {ref}")
         # The tests' workloads name this image in both runtimes: here it runs pause.
         if WORKLOAD_IMAGE not in present:
-            self._ctr("images", "tag", "--force", self.images.pause_ref, WORKLOAD_IMAGE)
+            res = self._ctr("images", "tag", "--force", self.images.pause_ref, WORKLOAD_IMAGE)
+            if res.returncode != 0:
+                return f"tagging {WORKLOAD_IMAGE}: {res.stderr.strip()}"
+        return None
 
     def reap(self) -> None:
         """Reap every exited child (orphaned shims land here too); restart ours."""
@@ -627,4 +705,10 @@ def node_init(name: str, cni: plan.CNI, nodes: int) -> int:
     """Entry point of `lab node-init`."""
     if os.getpid() != 1:
         raise LabError("lab node-init runs as the init of a node's PID namespace")
-    return NodeInit(plan.node_by_name(name, nodes), cni, nodes).run()
+    init = NodeInit(plan.node_by_name(name, nodes), cni, nodes)
+    try:
+        return init.run()
+    except BaseException as exc:
+        # The node dies with its init: say why where `lab up` looks for it.
+        init.say(f"node-init failed, the node is down: {exc!r}")
+        raise
