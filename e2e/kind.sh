@@ -161,6 +161,15 @@ deployment client 3 | k apply -f -
 deployment other 1 | k apply -f -
 k rollout status deployment/client --timeout=120s
 k rollout status deployment/other --timeout=120s
+# As an administrator would: a pool that grants the egress IP to this namespace.
+k apply -f - <<EOF
+apiVersion: staticegressips.io/v1alpha1
+kind: StaticEgressIPPool
+metadata: {name: kind}
+spec:
+  cidrs: ["$EIP/32"]
+  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: default}}
+EOF
 k apply -f - <<EOF
 apiVersion: staticegressips.io/v1alpha1
 kind: StaticEgressIP

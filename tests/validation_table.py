@@ -4,6 +4,7 @@ that both the parser tests and the API-server tests run."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,19 @@ def _spec(base: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     return {"rules": [rule]}
 
 
-def load() -> tuple[list[Case], list[Case]]:
-    table = yaml.safe_load(_TABLE.read_text())
+SpecOf = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+"""(the table's base, one entry) -> the spec that entry stands for."""
+
+
+def load(path: Path = _TABLE, spec_of: SpecOf = _spec) -> tuple[list[Case], list[Case]]:
+    """The valid and invalid cases of one two-judge table."""
+    table = yaml.safe_load(path.read_text())
     base = table["base"]
-    valid = [Case(name=e["name"], spec=_spec(base, e)) for e in table["valid"]]
+    valid = [Case(name=e["name"], spec=spec_of(base, e)) for e in table["valid"]]
     invalid = [
         Case(
             name=e["name"],
-            spec=_spec(base, e),
+            spec=spec_of(base, e),
             field=e["field"],
             message=e["message"],
             server_message=e.get("server_message", e["message"]),

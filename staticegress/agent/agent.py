@@ -62,6 +62,7 @@ from staticegress.agent.ownership import OwnershipKeeper
 from staticegress.agent.sync import SyncRunner, TemporaryError
 from staticegress.agent.transport import choose_transport, node_event
 from staticegress.api.core import parse_node
+from staticegress.api.pools import POOL_PLURAL
 from staticegress.api.types import EgressIPRef, IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
 from staticegress.dataplane import bpfcheck
@@ -121,6 +122,9 @@ class AgentOptions:
     node: str
     transport: Literal["auto", "direct", "vxlan"] = "auto"
     cluster_cidrs: tuple[IPv4Network, ...] = ()
+    require_pool: bool = False
+    """Honour only egress IPs a StaticEgressIPPool grants (--unpooled-egress-ips;
+    the command line's default is to require one)."""
     health_address: str | None = None
     """Where /healthz, /readyz and /metrics listen; None: the node's InternalIP."""
     health_port: int = AGENT_HEALTH_PORT
@@ -226,6 +230,14 @@ class Agent:
                 on_change=poke,
             ),
             "namespaces": Reflector(name="namespaces", list_fn=core.list_namespace, on_change=poke),
+            # Pools decide who owns an egress IP and how far a rule reaches; a
+            # sync before they are listed would refuse every claim.
+            "pools": Reflector(
+                name="staticegressippools",
+                list_fn=custom.list_cluster_custom_object,
+                list_args=(GROUP, VERSION, POOL_PLURAL),
+                on_change=poke,
+            ),
         }
         self.netns_runner = NetnsRunner(opts.netns)
         # Every batch goes through the watchdog, which forces a full sync the
@@ -411,17 +423,20 @@ class Agent:
             services=stores["services"],
             namespaces=stores["namespaces"],
             slices=stores["endpointslices"],
+            pools=stores["pools"],
         )
         config = AgentConfig(
             node=self.node,
             transport=self.transport or "direct",
             cluster_cidrs=self.opts.cluster_cidrs,
             max_slots=self.opts.marks.max_slots,
+            require_pool=self.opts.require_pool,
         )
         desired = compute_desired(
             snap,
             config,
             previous_slots=self.slots,
+            withheld=self._never_held(snap),
             granted=self.keeper.held_now() if self.keeper is not None else None,
         )
         withheld = frozenset(desired.named) - frozenset(desired.owned)
@@ -433,6 +448,16 @@ class Agent:
         self.metrics.set("fenced", 1 if self.withheld else 0)
         return desired, invalid, snap
 
+    def _never_held(self, snap: Snapshot) -> frozenset[IPAddress]:
+        """Addresses this node refuses to hold whatever the status says: any
+        node's own address and our routers. The manager refuses them too; this
+        is the last line, should a status name one anyway (a manager that
+        misjudged, an edited status), since holding one would hijack it."""
+        own = {a for n in snap.nodes for a in n.addresses}
+        if self.uplink is not None:
+            own |= self.uplink.routers
+        return frozenset(own)
+
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()) or self.uplink is None:
             return
@@ -443,7 +468,12 @@ class Agent:
         start = time.perf_counter()
         desired, invalid, snap = self.compute()
         self._report_next = agent_record(
-            node=self.node, policies=snap.policies, desired=desired, withheld=self.withheld
+            node=self.node,
+            policies=snap.policies,
+            desired=desired,
+            withheld=self.withheld,
+            subnet=self.uplink.subnet,
+            routers=frozenset(self.uplink.routers),
         )
         self.last_compute_seconds = time.perf_counter() - start
         self.metrics.inc("syncs_total")

@@ -91,6 +91,9 @@ class Node:
     internal_ip: IPv4Address | None
     pod_cidrs: tuple[IPv4Network, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
+    addresses: tuple[IPAddress, ...] = ()
+    """Every address the Node reports (InternalIP, ExternalIP; both families):
+    never an egress IP."""
 
 
 @dataclass(frozen=True, order=True)
@@ -99,6 +102,9 @@ class Service:
     name: str
     selector: tuple[tuple[str, str], ...] | None
     """None for a Service without a selector: its endpoints are managed by hand."""
+    load_balancer_ips: tuple[IPAddress, ...] = ()
+    """LoadBalancer ingress IPs, the requested loadBalancerIP and externalIPs: in
+    use by the Service, so never an egress IP."""
 
 
 @dataclass(frozen=True, order=True)
@@ -156,25 +162,43 @@ def parse_node(obj: Mapping[str, Any]) -> Node | None:
     )
     cidrs = [spec.get("podCIDR"), *(spec.get("podCIDRs") or [])]
     v4 = sorted({n for n in map(_net, cidrs) if isinstance(n, IPv4Network)})
+    every = {
+        a
+        for a in (_ip(x.get("address")) for x in addrs if x.get("type") in _NODE_ADDRESS_TYPES)
+        if a is not None
+    }
     return Node(
         name=NodeName(str(meta["name"])),
         internal_ip=internal,
         pod_cidrs=tuple(v4),
         labels=_labels(meta),
+        addresses=tuple(sorted(every, key=lambda a: (a.version, int(a)))),
     )
+
+
+_NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
 
 def parse_service(obj: Mapping[str, Any]) -> Service | None:
     meta = obj.get("metadata") or {}
     if not meta.get("name") or not meta.get("namespace"):
         return None
-    selector = (obj.get("spec") or {}).get("selector")
+    spec = obj.get("spec") or {}
+    selector = spec.get("selector")
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    raw = [
+        *(i.get("ip") for i in ingress if isinstance(i, Mapping)),
+        spec.get("loadBalancerIP"),
+        *(spec.get("externalIPs") or []),
+    ]
+    in_use = {a for a in map(_ip, raw) if a is not None}
     return Service(
         namespace=str(meta["namespace"]),
         name=str(meta["name"]),
         selector=tuple(sorted((str(k), str(v)) for k, v in selector.items()))
         if isinstance(selector, Mapping) and selector
         else None,
+        load_balancer_ips=tuple(sorted(in_use, key=lambda a: (a.version, int(a)))),
     )
 
 

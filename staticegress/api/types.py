@@ -121,6 +121,10 @@ class EgressIPAssignment:
     standbys: tuple[NodeName, ...] = ()
     rules: tuple[int, ...] = ()
     """Every rule that lists the egress IP, in order (empty when only `rule` is known)."""
+    pool: str | None = None
+    """The StaticEgressIPPool that granted the address, when one did."""
+    reason: str | None = None
+    """Why the address has no gateway, when it has none (NotInPool, ...)."""
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,8 @@ class _AssignmentIn(BaseModel):
     gateway: str | None = None
     since: datetime | None = None
     standbys: list[str] = []
+    pool: str | None = None
+    reason: str | None = None
 
 
 class _ConditionIn(BaseModel):
@@ -362,6 +364,8 @@ class _StatusIn(BaseModel):
                     since=a.since,
                     standbys=tuple(NodeName(s) for s in a.standbys),
                     rules=tuple(a.rules),
+                    pool=a.pool,
+                    reason=a.reason,
                 )
                 for a in self.egressIPs
             ),

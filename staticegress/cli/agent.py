@@ -11,7 +11,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from staticegress.agent.agent import AGENT_HEALTH_PORT, Agent, AgentOptions, cleanup
-from staticegress.cli.service import run_service
+from staticegress.cli.service import add_tenancy_flag, require_pool, run_service
 from staticegress.dataplane.bpfcheck import BPFFS
 from staticegress.dataplane.cnigate import (
     DEFAULT_BINARY,
@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the agent's namespace, where the cluster's transport is recorded "
         "(default: $POD_NAMESPACE or staticegress-system)",
     )
+    add_tenancy_flag(p)
     p.add_argument(
         "--cluster-cidr",
         action="append",
@@ -254,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         node=args.node,
         transport=args.transport,
         cluster_cidrs=tuple(args.cluster_cidr),
+        require_pool=require_pool(args),
         health_address=args.health_address,
         health_port=args.health_port,
         min_sync_interval=args.min_sync_interval,

@@ -3,8 +3,10 @@
 It brings the lab up (an agent on every node), runs `frontend` and `backend`
 Deployments with one pod per node, shows the source address the external
 servers see for each pod, applies the original StaticEgressIP example (with
-lab addresses) and shows the sources again: frontend pods now leave with the
-egress IP from every node, backend pods and other destinations are untouched.
+lab addresses), shows it refused because no pool grants its address, has the
+administrator grant it with a StaticEgressIPPool, and shows the sources again:
+frontend pods now leave with the egress IP from every node, backend pods and
+other destinations are untouched.
 Finally the API server refuses a typo. The lab stays up afterwards for the
 user to explore, unless `--down` is given.
 """
@@ -138,7 +140,7 @@ def _seen_by_server(pod: dict[str, Any], server: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     binaries = ensure_binaries(progress=_say)
-    state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say, binaries=binaries)
+    state = lab.up(nodes=args.nodes, cni=args.cni, progress=_say, binaries=binaries, pool=False)
     kubectl = _Kubectl(binaries.kubectl, state.admin_kubeconfig)
     for app in ("frontend", "backend"):
         kubectl("apply", "-f", "-", stdin=WORKLOADS.format(app=app, replicas=state.nodes))
@@ -155,7 +157,24 @@ def run(args: argparse.Namespace) -> int:
     print("\nThe original example, with lab addresses: the pods behind Service frontend")
     print(f"reach {plan.SERVER_IPS[0]} with the source 198.51.100.200.")
     kubectl.show("apply", "-f", str(example))
+    reason = _wait_refused(kubectl)
+    print(
+        f"\nRefused ({reason}): an egress IP is a credential, and no administrator has "
+        "granted 198.51.100.200 to namespace default yet. The frontend pods' traffic to "
+        "the server is dropped meanwhile, never sent with the node's address:"
+    )
+    kubectl.show(
+        "get",
+        "staticegressip",
+        "frontend",
+        "-o",
+        'jsonpath={.status.conditions[?(@.type=="Ready")].message}',
+    )
+    pool = manifests.deploy_dir() / "examples" / "lab-pool.yaml"
+    print("\nThe administrator grants it with a cluster-scoped StaticEgressIPPool:")
+    kubectl.show("apply", "-f", str(pool))
     gateway = _wait_gateway(kubectl)
+    kubectl.show("get", "staticegressippools")
     print(f"\nThe manager chose {gateway} as the gateway of 198.51.100.200:")
     kubectl.show("get", "staticegressips")
     time.sleep(1.0)  # the agents apply a change within a fraction of a second
@@ -176,6 +195,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(lab.describe(state, binaries.kubectl))
     return 0
+
+
+def _wait_refused(kubectl: _Kubectl) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        obj = json.loads(kubectl("get", "staticegressip", "frontend", "-o", "json"))
+        for c in (obj.get("status") or {}).get("conditions", []):
+            if c.get("type") == "Ready" and c.get("status") == "False":
+                return str(c.get("reason"))
+        time.sleep(0.2)
+    raise LabError("the manager wrote no status within 30 s")
 
 
 def _wait_gateway(kubectl: _Kubectl) -> str:

@@ -27,6 +27,7 @@ def _up(args: argparse.Namespace) -> int:
         progress=_say,
         agents=not args.no_agents,
         runtime=args.runtime,
+        pool=not args.no_pool,
     )
     kubectl = find(next(c for c in COMPONENTS if c.name == "kubectl"))
     print(lab.describe(state, kubectl))
@@ -163,6 +164,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     up.add_argument(
         "--no-agents", action="store_true", help="do not run the staticegress agent on the nodes"
+    )
+    up.add_argument(
+        "--no-pool",
+        action="store_true",
+        help="do not create the StaticEgressIPPool `lab` (198.51.100.192/27 for every "
+        "namespace): no egress IP is honoured until you create a pool",
     )
     up.add_argument(
         "--runtime",

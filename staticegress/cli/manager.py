@@ -7,11 +7,12 @@ import logging
 import os
 import socket
 import sys
+from ipaddress import ip_network
 from pathlib import Path
 
 from kubernetes_asyncio import client
 
-from staticegress.cli.service import run_service
+from staticegress.cli.service import add_tenancy_flag, require_pool, run_service
 from staticegress.dataplane.grants import GRANT_PORT, load_key
 from staticegress.manager.manager import MANAGER_HEALTH_PORT, Manager, ManagerOptions
 from staticegress.model.assign import DEFAULT_GATEWAY_LABEL
@@ -72,6 +73,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=GRANT_PORT,
         help=f"agents' UDP port (default: {GRANT_PORT})",
     )
+    add_tenancy_flag(p)
+    p.add_argument(
+        "--cluster-cidr",
+        action="append",
+        type=ip_network,
+        default=[],
+        metavar="CIDR",
+        help="a pod range besides the Nodes' podCIDRs, never an egress IP (repeatable)",
+    )
+    p.add_argument(
+        "--forbidden-cidr",
+        action="append",
+        type=ip_network,
+        default=[],
+        metavar="CIDR",
+        help="addresses never used as egress IPs, whatever a pool holds: routers' "
+        "virtual addresses, VIPs (repeatable)",
+    )
     p.add_argument("--health-address", default="127.0.0.1")
     p.add_argument(
         "--health-port",
@@ -101,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         grant_key=grant_key,
         grant_port=args.grant_port,
+        require_pool=require_pool(args),
+        cluster_cidrs=tuple(args.cluster_cidr),
+        forbidden_cidrs=tuple(args.forbidden_cidr),
     )
     managers: list[Manager] = []
 

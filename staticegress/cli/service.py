@@ -1,8 +1,11 @@
-"""Run a long-lived role (agent, manager) until SIGTERM or SIGINT, with one API client."""
+"""Run a long-lived role (agent, manager) until SIGTERM or SIGINT, with one API client;
+and the flags both roles must agree on."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,3 +40,24 @@ def run_service(
         return 0
 
     return asyncio.run(main())
+
+
+UNPOOLED_ENV = "STATICEGRESS_UNPOOLED_EGRESS_IPS"
+
+
+def add_tenancy_flag(p: argparse.ArgumentParser) -> None:
+    """`--unpooled-egress-ips`: the manager and every agent must agree on it (both
+    judge who owns an address), so deploy/ sets it once, in the
+    staticegress-settings ConfigMap, and both read it from the environment."""
+    p.add_argument(
+        "--unpooled-egress-ips",
+        choices=("refuse", "allow"),
+        default=os.environ.get(UNPOOLED_ENV) or "refuse",
+        help="an egress IP that no StaticEgressIPPool holds: refuse it (the default: "
+        "multi-tenant clusters), or honour it as before pools existed (a single-tenant "
+        f"cluster's explicit opt-out). Default: ${UNPOOLED_ENV} or refuse",
+    )
+
+
+def require_pool(args: argparse.Namespace) -> bool:
+    return bool(args.unpooled_egress_ips == "refuse")

@@ -31,7 +31,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
@@ -52,6 +52,10 @@ class Uplink:
     name: str
     mtu: int
     mac: str
+    subnet: IPv4Network | None = None
+    """The connected subnet of the node's InternalIP."""
+    routers: frozenset[IPv4Address] = frozenset()
+    """Next hops of the main table's IPv4 default routes: never an egress IP."""
 
 
 async def find_uplink(ip: IPv4Address, *, netns: str | None = None) -> Uplink:
@@ -59,8 +63,17 @@ async def find_uplink(ip: IPv4Address, *, netns: str | None = None) -> Uplink:
         async for a in await ipr.get_addr(family=socket.AF_INET):
             if a.get("address") == str(ip):
                 link = (await ipr.link("get", index=a["index"]))[0]
+                routers = set()
+                async for r in await ipr.get_routes(family=socket.AF_INET, table=254):
+                    gw = r.get("gateway")
+                    if r.get("dst_len") == 0 and gw:
+                        routers.add(IPv4Address(str(gw)))
                 return Uplink(
-                    str(link.get("ifname")), int(link.get("mtu")), str(link.get("address"))
+                    str(link.get("ifname")),
+                    int(link.get("mtu")),
+                    str(link.get("address")),
+                    subnet=IPv4Network(f"{ip}/{a.get('prefixlen')}", strict=False),
+                    routers=frozenset(routers),
                 )
     raise RuntimeError(f"no interface holds the node address {ip}")
 

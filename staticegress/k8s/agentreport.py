@@ -6,7 +6,13 @@ staticegress-agent-report`, holding the record as compact JSON in the
 annotation `staticegress.io/agent-report`:
 
     {"applied": {"ns/name": generation}, "fenced": bool,
-     "withheld": ["ip"], "owned": ["ip"]}
+     "withheld": ["ip"], "owned": ["ip"], "subnet": "cidr", "routers": ["ip"]}
+
+`subnet` and `routers` (the uplink's connected subnet and default next hops)
+let the manager refuse the router's address as an egress IP. A node could lie
+about them; the manager believes a router only inside that node's own subnet
+(`staticegress.model.pools.trusted_routers`), so a lie can refuse addresses
+near that node, never hand one out.
 
 A Lease because it is small, namespaced, meant for per-holder records, and
 every cluster has it; nobody takes the lease, `renewTime` only says when the
@@ -35,7 +41,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from typing import Any, Protocol
 
 from kubernetes_asyncio import client
@@ -61,12 +67,16 @@ def lease_name(node: NodeName) -> str:
 
 def encode(record: AgentRecord) -> str:
     """Compact, deterministic JSON: equal records give equal strings."""
-    body = {
+    body: dict[str, object] = {
         "applied": {str(ref): gen for ref, gen in sorted(record.applied.items())},
         "fenced": record.fenced,
         "withheld": [str(ip) for ip in sorted(record.withheld, key=_ip_key)],
         "owned": [str(ip) for ip in sorted(record.owned, key=_ip_key)],
     }
+    if record.subnet is not None:
+        body["subnet"] = str(record.subnet)
+    if record.routers:
+        body["routers"] = [str(ip) for ip in sorted(record.routers, key=_ip_key)]
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -94,6 +104,8 @@ def decode(node: NodeName, text: str) -> AgentRecord:
         fenced=fenced,
         withheld=frozenset(ip_address(str(s)) for s in body.get("withheld") or []),
         owned=frozenset(ip_address(str(s)) for s in body.get("owned") or []),
+        subnet=ip_network(str(body["subnet"])) if body.get("subnet") else None,
+        routers=frozenset(ip_address(str(s)) for s in body.get("routers") or []),
     )
 
 

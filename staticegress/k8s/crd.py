@@ -1,4 +1,5 @@
-"""Install the StaticEgressIP CRD and wait until the API server serves it."""
+"""Install the product's CRDs (StaticEgressIP and StaticEgressIPPool) and wait
+until the API server serves them."""
 
 from __future__ import annotations
 
@@ -14,13 +15,28 @@ from staticegress.k8s.client import REQUEST_TIMEOUT
 
 
 class CRDNotEstablishedError(RuntimeError):
-    """The API server did not accept the CRD's names or serve it in time."""
+    """The API server did not accept a CRD's names or serve it in time."""
 
 
 async def install_crd(api: client.ApiClient, *, wait_seconds: float = 60.0) -> dict[str, Any]:
-    """Create or update the CRD, then wait for Established; return the served object."""
+    """Create or update every CRD, then wait until each is Established.
+
+    Returns the served StaticEgressIP CRD. Both are installed together because
+    the manager, the agents and the admission policy read pools wherever they
+    read StaticEgressIPs.
+    """
+    bodies = manifests.crds()
+    for body in bodies:
+        await _apply(api, body)
+    served = [
+        await wait_established(api, body["metadata"]["name"], wait_seconds=wait_seconds)
+        for body in bodies
+    ]
+    return served[0]
+
+
+async def _apply(api: client.ApiClient, body: dict[str, Any]) -> None:
     ext = client.ApiextensionsV1Api(api)
-    body = manifests.crd()
     name = body["metadata"]["name"]
     try:
         await ext.create_custom_resource_definition(
@@ -34,7 +50,6 @@ async def install_crd(api: client.ApiClient, *, wait_seconds: float = 60.0) -> d
         await ext.replace_custom_resource_definition(
             name, cast(Any, body), _request_timeout=REQUEST_TIMEOUT
         )
-    return await wait_established(api, name, wait_seconds=wait_seconds)
 
 
 async def wait_established(

@@ -21,6 +21,11 @@ def deploy_dir() -> Path:
 
 
 CRD_FILE = "crd/staticegressips.io_staticegressips.yaml"
+POOL_CRD_FILE = "crd/staticegressips.io_staticegressippools.yaml"
+ADMISSION_FILE = "admission/pools.yaml"
+"""The pool admission policy and its binding."""
+TENANT_ROLES_FILE = "rbac/tenants.yaml"
+"""The aggregated ClusterRoles for namespace admins, editors and viewers."""
 UNINSTALL_KIT = "uninstall"
 """The uninstall kit, `kubectl apply -k deploy/uninstall/`."""
 
@@ -39,3 +44,14 @@ def crd() -> dict[str, Any]:
     """The StaticEgressIP CustomResourceDefinition."""
     (doc,) = load(CRD_FILE)
     return doc
+
+
+def pool_crd() -> dict[str, Any]:
+    """The StaticEgressIPPool CustomResourceDefinition."""
+    (doc,) = load(POOL_CRD_FILE)
+    return doc
+
+
+def crds() -> list[dict[str, Any]]:
+    """Every CustomResourceDefinition of the product, the StaticEgressIP one first."""
+    return [crd(), pool_crd()]

@@ -18,6 +18,7 @@ from staticegress.api.core import (
     parse_pod,
     parse_service,
 )
+from staticegress.api.pools import EgressIPPool, parse_pool
 from staticegress.api.types import EgressIPRef, StaticEgressIP
 from staticegress.api.v1alpha1 import InvalidSpecError, parse_static_egress_ip
 from staticegress.model.desired import Snapshot
@@ -71,6 +72,15 @@ def parse_policy(obj: Mapping[str, Any]) -> StaticEgressIP | Invalid:
         return Invalid(ref, int(meta.get("generation") or 0), detail)
 
 
+def parse_pool_or_none(obj: Mapping[str, Any]) -> EgressIPPool | None:
+    """A pool, or None for one that breaks the API's rules: an invalid pool
+    grants nothing (the manager reports it on the pool's status)."""
+    try:
+        return parse_pool(obj)
+    except InvalidSpecError:
+        return None
+
+
 def build_snapshot(
     *,
     policies: Store,
@@ -79,6 +89,7 @@ def build_snapshot(
     services: Store,
     namespaces: Store,
     slices: Store,
+    pools: Store | None = None,
     cache: ParseCache | None = None,
 ) -> tuple[Snapshot, list[Invalid]]:
     cache = cache or ParseCache()
@@ -100,5 +111,11 @@ def build_snapshot(
         services=parsed("services", services, parse_service),
         namespaces=parsed("namespaces", namespaces, parse_namespace),
         endpoints=tuple(sorted((k, tuple(sorted(v))) for k, v in endpoints.items())),
+        pools=tuple(
+            sorted(
+                (p for p in cache.parse_all("pools", pools or {}, parse_pool_or_none) if p),
+                key=lambda p: p.name,
+            )
+        ),
     )
     return snap, sorted(invalid, key=lambda i: i.ref)

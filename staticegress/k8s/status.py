@@ -48,6 +48,7 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from staticegress.api.pools import POOL_PLURAL
 from staticegress.api.types import EgressIPRef
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
 from staticegress.k8s.client import REQUEST_TIMEOUT
@@ -81,6 +82,27 @@ class KubeStatusAPI:
             VERSION,
             ref.namespace,
             PLURAL,
+            ref.name,
+            dict(patch),
+            _content_type=MERGE,
+            _request_timeout=REQUEST_TIMEOUT,
+        )
+
+
+class PoolStatusAPI:
+    """`StatusAPI` on the cluster-scoped StaticEgressIPPool status subresource.
+
+    Pools reuse the writer's per-object isolation; a pool is named by a ref
+    with an empty namespace."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._custom = client.CustomObjectsApi(api)
+
+    async def patch_status(self, ref: EgressIPRef, patch: Mapping[str, Any]) -> None:
+        await self._custom.patch_cluster_custom_object_status(
+            GROUP,
+            VERSION,
+            POOL_PLURAL,
             ref.name,
             dict(patch),
             _content_type=MERGE,

@@ -40,6 +40,8 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from staticegress.api.pools import POOL_KIND, POOL_PLURAL
+from staticegress.api.v1alpha1 import API_VERSION, GROUP, VERSION
 from staticegress.controlplane.binaries import Binaries, ensure_binaries
 from staticegress.controlplane.cluster import ControlPlane, pid_alive
 from staticegress.dataplane.grants import new_key
@@ -89,6 +91,10 @@ class LabState:
     containerd: real kubelets and containerd, the product installed from its image."""
     image: str = ""
     """containerd runtime: the product image imported into every node."""
+    pool: bool = True
+    """`lab up` created the StaticEgressIPPool `lab` (LAB_POOL) that grants the
+    lab's egress range to every namespace; without it (`--no-pool`) no egress IP
+    is honoured until an administrator creates a pool, as on a fresh install."""
 
     def node_plans(self) -> tuple[plan.NodePlan, ...]:
         return plan.node_plans(self.nodes)
@@ -443,12 +449,50 @@ def _apply_manifest(binaries: Binaries, kubeconfig: Path, relative: str) -> None
     )
 
 
-async def _prepare_cluster(kubeconfig: Path, progress: Progress, *, crd: bool = True) -> None:
+LAB_POOL: dict[str, Any] = {
+    "apiVersion": API_VERSION,
+    "kind": POOL_KIND,
+    "metadata": {"name": "lab"},
+    "spec": {
+        # The lab's egress range: .192-.223 of the underlay, where no node,
+        # router or control plane lives (the manager would refuse those anyway).
+        "cidrs": ["198.51.100.192/27"],
+        "namespaceSelector": {},
+        "podNamespaceSelector": {},
+    },
+}
+"""The pool `lab up` creates unless --no-pool: the lab is one tenant's playground."""
+
+
+async def _create_lab_pool(kubeconfig: Path, progress: Progress) -> None:
+    api = await api_client(kubeconfig)
+    try:
+        custom = client.CustomObjectsApi(api)
+        try:
+            await custom.create_cluster_custom_object(
+                GROUP, VERSION, POOL_PLURAL, LAB_POOL, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        progress(
+            f"StaticEgressIPPool lab grants {', '.join(LAB_POOL['spec']['cidrs'])} "
+            "to every namespace"
+        )
+    finally:
+        await api.close()
+
+
+async def _prepare_cluster(
+    kubeconfig: Path, progress: Progress, *, crd: bool = True, pool: bool = True
+) -> None:
     api = await api_client(kubeconfig)
     try:
         if crd:
             await install_crd(api)
-            progress("StaticEgressIP CRD installed")
+            progress("StaticEgressIP and StaticEgressIPPool CRDs installed")
+            if pool:
+                await _create_lab_pool(kubeconfig, progress)
         rbac = client.RbacAuthorizationV1Api(api)
         # Kubelets authenticate as system:node:<name> in group system:nodes;
         # with RBAC alone (no Node authorizer) the group needs this binding.
@@ -470,9 +514,20 @@ async def _prepare_cluster(kubeconfig: Path, progress: Progress, *, crd: bool = 
 
 
 async def _wait_ready(
-    kubeconfig: Path, names: list[str], progress: Progress, wait_seconds: float = 90
+    kubeconfig: Path,
+    names: list[str],
+    progress: Progress,
+    wait_seconds: float = 90,
+    logs: Callable[[str], str] | None = None,
+    gone: Callable[[str], bool] | None = None,
 ) -> None:
-    """Wait until every node is Ready and schedulable, and pods can be admitted."""
+    """Wait until every node is Ready and schedulable, and pods can be admitted.
+
+    On timeout, or as soon as `gone` says a pending node's own processes have
+    died (it will never turn Ready then), the error carries each pending node's
+    Ready condition and, through `logs`, whatever the node's own processes said:
+    the lab is torn down after a failed start, so this is the only trace a CI
+    run keeps."""
     api = await api_client(kubeconfig)
     core = client.CoreV1Api(api)
     start = time.monotonic()
@@ -480,17 +535,28 @@ async def _wait_ready(
     try:
         while True:
             pending = []
+            why: dict[str, str] = {}
             nodes = {n.metadata.name: n for n in (await core.list_node()).items}
             for name in names:
                 n = nodes.get(name)
-                ready = n is not None and any(
-                    c.type == "Ready" and c.status == "True" for c in n.status.conditions or []
+                cond = (
+                    next((c for c in (n.status.conditions or []) if c.type == "Ready"), None)
+                    if n is not None
+                    else None
                 )
+                ready = cond is not None and cond.status == "True"
                 tainted = n is not None and any(
                     t.key.startswith("node.kubernetes.io/") for t in n.spec.taints or []
                 )
                 if not ready or tainted:
-                    pending.append(f"{name}({'tainted' if ready else 'not ready'})")
+                    state = "tainted" if ready else "not registered" if n is None else "not ready"
+                    pending.append(f"{name}({state})")
+                    why[name] = (
+                        "never registered"
+                        if n is None
+                        else f"Ready={cond.status if cond else 'absent'}"
+                        f" {cond.reason if cond else ''}: {cond.message if cond else ''}"
+                    )
             try:
                 await core.read_namespaced_service_account("default", "default")
             except ApiException:
@@ -501,8 +567,16 @@ async def _wait_ready(
             if note != last:
                 progress(f"  waiting for {note}")
                 last = note
-            if time.monotonic() - start > wait_seconds:
-                raise LabError(f"lab not ready after {wait_seconds:.0f}s: {note}")
+            dead = [name for name in why if gone is not None and gone(name)]
+            if dead or time.monotonic() - start > wait_seconds:
+                if dead:
+                    note = f"{', '.join(dead)} stopped: its node processes exited"
+                detail = "".join(
+                    f"\n  {name}: {reason}" + (f"\n{logs(name)}" if logs else "")
+                    for name, reason in why.items()
+                )
+                took = time.monotonic() - start
+                raise LabError(f"lab not ready after {took:.0f}s: {note}{detail}")
             await asyncio.sleep(0.5)
     finally:
         await api.close()
@@ -541,6 +615,7 @@ def up(
     binaries: Binaries | None = None,
     agents: bool = True,
     runtime: str = "netns",
+    pool: bool = True,
 ) -> LabState:
     """Bring the lab up, or confirm it is up with the same settings."""
     require_root()
@@ -548,16 +623,13 @@ def up(
     with _locked():
         existing = load_state()
         if existing is not None:
-            if (existing.nodes, existing.cni, existing.agents, existing.runtime) != (
-                nodes,
-                cni,
-                agents,
-                runtime,
-            ):
+            settings = (existing.nodes, existing.cni, existing.agents, existing.runtime)
+            if settings != (nodes, cni, agents, runtime) or existing.pool != pool:
                 raise LabError(
                     f"the lab is already up with --nodes {existing.nodes} --cni {existing.cni}"
                     f" --runtime {existing.runtime}"
-                    f"{'' if existing.agents else ' --no-agents'}; "
+                    f"{'' if existing.agents else ' --no-agents'}"
+                    f"{'' if existing.pool else ' --no-pool'}; "
                     "run `staticegress lab down` first to change them"
                 )
             problems = health(existing)
@@ -572,7 +644,7 @@ def up(
             progress("removing leftovers of an earlier lab")
             _down(progress)
         try:
-            return _up(plans, cni, progress, binaries, agents, runtime)
+            return _up(plans, cni, progress, binaries, agents, runtime, pool)
         except BaseException:
             progress("lab up failed: removing what was built")
             _down(_quiet)
@@ -586,6 +658,7 @@ def _up(
     binaries: Binaries | None,
     agents: bool,
     runtime: str,
+    pool: bool,
 ) -> LabState:
     t0 = time.monotonic()
     binaries = binaries or ensure_binaries(progress=progress)
@@ -616,10 +689,11 @@ def _up(
         controlplane_dir=str(cp.workdir),
         agents=agents,
         runtime=runtime,
+        pool=pool,
     )
     _save_state(state)
-    # The containerd runtime installs the CRD with the rest of deploy/.
-    asyncio.run(_prepare_cluster(admin, progress, crd=assets is None))
+    # The containerd runtime installs the CRDs with the rest of deploy/.
+    asyncio.run(_prepare_cluster(admin, progress, crd=assets is None, pool=pool))
     if assets is not None:
         _up_real(state, cp, binaries, assets, plans, progress)
         progress(f"lab up in {time.monotonic() - t0:.1f}s")
@@ -1111,7 +1185,16 @@ def _up_real(
     for p in plans:
         _start_node(state, p)
     _save_state(state)
-    asyncio.run(_wait_ready(admin, [p.name for p in plans], progress, wait_seconds=180))
+    asyncio.run(
+        _wait_ready(
+            admin,
+            [p.name for p in plans],
+            progress,
+            wait_seconds=180,
+            logs=realnode.log_tails,
+            gone=lambda name: not _ours(state.processes.get(f"node/{name}", 0)),
+        )
+    )
     _wait_kube_proxies(plans, progress)
 
     state.image = images.product_ref
@@ -1163,6 +1246,8 @@ def _install_real(state: LabState, binaries: Binaries, progress: Progress) -> No
         "yaml",
     )
     _kubectl(binaries, admin, "apply", "-f", "-", stdin=secret)
+    if state.pool:
+        asyncio.run(_create_lab_pool(admin, progress))
     wait_deployed(binaries, admin, progress)
 
 

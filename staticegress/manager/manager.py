@@ -1,13 +1,16 @@
 """The gateway manager: probes nodes, and (when leader) assigns gateways and owns status.
 
-Root tasks: four reflectors (StaticEgressIPs, Nodes, Services, the agents'
-report Leases), the ICMP prober, the leader elector, the coalescing sync and
-the health server. Every replica probes every node that could be a gateway,
-so gateways keep hearing managers while leadership changes hands; only the
-leader computes and writes.
+Root tasks: reflectors (StaticEgressIPs, StaticEgressIPPools, Namespaces,
+Nodes, Services, ServiceCIDRs, the agents' report Leases), the ICMP prober,
+the leader elector, the coalescing sync and the health server. Every replica
+probes every node that could be a gateway, so gateways keep hearing managers
+while leadership changes hands; only the leader computes and writes.
 
 One sync: parse every StaticEgressIP (an invalid one gets an `InvalidSpec`
-status), compute the assignment (`staticegress.model.assign`, pure), compare
+status), judge every claim against the StaticEgressIPPools and the cluster's
+own addresses (`staticegress.model.pools`, pure: the admission policy can be
+removed, so everything it checks is checked again here, and more), compute
+the assignment (`staticegress.model.assign`, pure), compare
 each object's desired status with the one it has, and hand those that
 differ to the status writer (`staticegress.k8s.status`), which writes each
 object on its own, checking leadership right before each write: one object
@@ -41,7 +44,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_network
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -50,16 +53,17 @@ from staticegress.agent.health import HealthState
 from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
 from staticegress.agent.sync import SyncRunner
-from staticegress.api.core import Node, parse_node, parse_service
-from staticegress.api.types import IPAddress, NodeName
-from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
+from staticegress.api.core import Node, Service, parse_namespace, parse_node, parse_service
+from staticegress.api.pools import POOL_PLURAL, EgressIPPool, parse_pool
+from staticegress.api.types import EgressIPRef, IPAddress, IPNetwork, NodeName
+from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION, InvalidSpecError
 from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.k8s.agentreport import LABEL_SELECTOR, records_from_store
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
 from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy
-from staticegress.k8s.status import KubeStatusAPI, StatusWrite, StatusWriter
+from staticegress.k8s.status import KubeStatusAPI, PoolStatusAPI, StatusWrite, StatusWriter
 from staticegress.manager.grants import MAP_ANNOTATION, GrantService, decode_map, encode_map
 from staticegress.manager.leader import LeaderElector
 from staticegress.model.assign import (
@@ -81,6 +85,14 @@ from staticegress.model.ownership import (
     classify,
     eligible,
     handoff_wait,
+)
+from staticegress.model.pools import (
+    Forbidden,
+    Tenancy,
+    forbidden_addresses,
+    judge_tenancy,
+    pool_usage,
+    trusted_routers,
 )
 from staticegress.model.programmed import confirm_programmed, previous_programmed
 
@@ -110,6 +122,17 @@ class ManagerOptions:
     grant_interval: float = 0.1
     grant_ttl: float = GRANT_TTL
     agent_grace: float = 1.5
+    require_pool: bool = False
+    """Honour only egress IPs a StaticEgressIPPool grants (the command line's
+    default); False lets a single-tenant cluster use addresses no pool holds
+    (--unpooled-egress-ips=allow)."""
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    """Pod ranges besides the Nodes' podCIDRs: never an egress IP."""
+    forbidden_cidrs: tuple[IPNetwork, ...] = ()
+    """More addresses that are never an egress IP (routers, VIPs, ...)."""
+    service_cidr_wait: float = 10.0
+    """How long the first sync waits for the ServiceCIDR list before going on
+    without it (clusters before 1.33, or without the permission)."""
 
 
 def _not_ready(obj: dict[str, Any]) -> bool:
@@ -138,7 +161,25 @@ class Manager:
             "services": Reflector(
                 name="services", list_fn=core.list_service_for_all_namespaces, on_change=poke
             ),
+            # Pools and namespaces decide every grant: a sync before both are
+            # listed would see no pool and withdraw every egress IP.
+            "pools": Reflector(
+                name="staticegressippools",
+                list_fn=self.custom.list_cluster_custom_object,
+                list_args=(GROUP, VERSION, POOL_PLURAL),
+                on_change=poke,
+            ),
+            "namespaces": Reflector(name="namespaces", list_fn=core.list_namespace, on_change=poke),
         }
+        # The service ranges are only forbidden addresses; a cluster without the
+        # ServiceCIDR API (or the permission) must not stop failover, so the
+        # first sync waits for this list only for a while.
+        self.service_cidrs = Reflector(
+            name="servicecidrs",
+            list_fn=client.NetworkingV1Api(api).list_service_cidr,
+            on_change=poke,
+        )
+        self._started = time.monotonic()
         # The agents' reports decide `Programmed` only; kept out of the dict the
         # sync waits on, so a missing report permission never stops failover.
         self.reports = Reflector(
@@ -185,6 +226,20 @@ class Manager:
             poke=self.runner.poke,
             on_written=self._written,
             on_rejected=self._rejected,
+        )
+        self.pool_status: StatusWriter[str] = StatusWriter(
+            PoolStatusAPI(api),
+            is_leader=self.elector.is_leader,
+            poke=self.runner.poke,
+            on_written=lambda w: log.info(
+                "manager=%s pool=%s status written: %s",
+                opts.identity,
+                w.ref.name,
+                w.context,
+            ),
+            on_rejected=lambda w, why: log.warning(
+                "manager=%s pool=%s status refused: %s", opts.identity, w.ref.name, why
+            ),
         )
         self.metrics = Registry()
         for name, kind, help in (
@@ -246,6 +301,7 @@ class Manager:
             for r in self.reflectors.values():
                 tg.create_task(r.run(), name=f"reflector-{r.name}")
             tg.create_task(self.reports.run(), name="reflector-agentreports")
+            tg.create_task(self.service_cidrs.run(), name="reflector-servicecidrs")
             tg.create_task(self.prober.run(), name="prober")
             tg.create_task(self.elector.run(), name="leader")
             tg.create_task(self.grants.run(), name="grants")
@@ -384,22 +440,45 @@ class Manager:
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()):
             return
+        if not self.service_cidrs.synced.is_set():
+            left = self.opts.service_cidr_wait - (time.monotonic() - self._started)
+            if left > 0:
+                asyncio.get_running_loop().call_later(left, self.runner.poke)
+                return
         nodes = self._nodes()  # keeps the prober's targets current on every replica
         verdict = self._judge(nodes)  # every replica: a frozen one will not lead
         if not self.elector.is_leader():
             return
         healthy, accepting = eligible(verdict)
-        services = frozenset(
-            (s.namespace, s.name)
-            for s in (parse_service(o) for o in self.reflectors["services"].store.values())
+        parsed_services: list[Service] = [
+            s
+            for s in self.parse_cache.parse_all(
+                "services", self.reflectors["services"].store, parse_service
+            )
             if s is not None
-        )
+        ]
+        services = frozenset((s.namespace, s.name) for s in parsed_services)
         store = self.reflectors["staticegressips"].store
         parsed = self.parse_cache.parse_all("policies", store, parse_policy)
         policies = [p for p in parsed if not isinstance(p, Invalid)]
         results: list[PolicyResult] = [
             invalid_result(p.ref, p.generation, p.error) for p in parsed if isinstance(p, Invalid)
         ]
+        pools, bad_pools = self._pools()
+        forbidden = self._forbidden(nodes, parsed_services)
+        tenancy = judge_tenancy(
+            policies,
+            pools=pools,
+            namespaces={
+                n.name: dict(n.labels)
+                for n in self.parse_cache.parse_all(
+                    "namespaces", self.reflectors["namespaces"].store, parse_namespace
+                )
+                if n is not None
+            },
+            require_pool=self.opts.require_pool,
+            forbidden=forbidden,
+        )
         now = dt.datetime.now(dt.UTC)
         results += assign_gateways(
             policies,
@@ -409,7 +488,9 @@ class Manager:
             now=now,
             default_label=self.opts.default_label,
             accepting=accepting,
+            tenancy=tenancy,
         )
+        self._write_pool_status(pools, bad_pools, tenancy, forbidden, now)
         await self._publish(
             {a.egress_ip: a.gateway for r in results for a in r.assignments if r.assignments}
         )
@@ -429,6 +510,113 @@ class Manager:
         self.status.submit(
             w for w in (self._status_write(r, store[str(r.ref)], now) for r in results) if w
         )
+
+    def _pools(self) -> tuple[list[EgressIPPool], dict[str, tuple[int, str]]]:
+        """The valid pools, and (generation, error) of every pool that is not."""
+        pools: list[EgressIPPool] = []
+        bad: dict[str, tuple[int, str]] = {}
+        store = self.reflectors["pools"].store
+        for key, pool in zip(
+            store, self.parse_cache.parse_all("pools", store, _parse_pool), strict=True
+        ):
+            if isinstance(pool, EgressIPPool):
+                pools.append(pool)
+            else:
+                bad[key] = pool
+        return pools, bad
+
+    def _forbidden(self, nodes: list[Node], services: list[Service]) -> Forbidden:
+        """The cluster's own addresses: never an egress IP, whatever a pool holds."""
+        internal = {n.name: n.internal_ip for n in nodes}
+        records = records_from_store(self.reports.store, nodes=internal)
+        cidrs: list[IPNetwork] = []
+        for obj in self.service_cidrs.store.values():
+            for text in (obj.get("spec") or {}).get("cidrs") or []:
+                net = _network(text)
+                if net is not None:
+                    cidrs.append(net)
+        return forbidden_addresses(
+            node_addresses=[(n.name, a) for n in nodes for a in n.addresses],
+            pod_ranges=[
+                *((f"node {n.name}", c) for n in nodes for c in n.pod_cidrs),
+                *(("--cluster-cidr", c) for c in self.opts.cluster_cidrs),
+            ],
+            service_ranges=cidrs,
+            routers=trusted_routers(
+                (name, internal.get(name), r.subnet, r.routers) for name, r in records.items()
+            ),
+            load_balancer_ips=[
+                (f"{s.namespace}/{s.name}", a) for s in services for a in s.load_balancer_ips
+            ],
+            extra=self.opts.forbidden_cidrs,
+        )
+
+    def _write_pool_status(
+        self,
+        pools: list[EgressIPPool],
+        bad: dict[str, tuple[int, str]],
+        tenancy: Tenancy,
+        forbidden: Forbidden,
+        now: dt.datetime,
+    ) -> None:
+        """Each pool's used and free counts and conditions, written like the
+        objects' statuses: one pool at a time, never holding anything up."""
+        store = self.reflectors["pools"].store
+        usage = pool_usage(pools, tenancy)
+        bodies: dict[str, dict[str, Any]] = {}
+        for pool in pools:
+            u = usage[pool.name]
+            reserved = [
+                f"{net} ({what})"
+                for net, what in forbidden.ranges
+                if any(net.version == c.version and net.overlaps(c) for c in pool.cidrs)
+            ]
+            conditions = [
+                ("Ready", "True", "Granting", f"{u.used} of {u.total} addresses in use"),
+                (
+                    (
+                        "Degraded",
+                        "True",
+                        "ForbiddenAddresses",
+                        "never granted, though held: "
+                        + "; ".join(reserved[:8])
+                        + (f" and {len(reserved) - 8} more" if reserved[8:] else ""),
+                    )
+                    if reserved
+                    else ("Degraded", "False", "AsExpected", "no problems")
+                ),
+            ]
+            bodies[pool.name] = _pool_status(
+                pool.generation, u.total, u.used, u.free, conditions, store.get(pool.name), now
+            )
+        for name, (generation, error) in bad.items():
+            bodies[name] = _pool_status(
+                generation,
+                0,
+                0,
+                0,
+                [
+                    ("Ready", "False", "InvalidSpec", error[:1000]),
+                    ("Degraded", "True", "InvalidSpec", error[:1000]),
+                ],
+                store.get(name),
+                now,
+            )
+        self.pool_status.retain([EgressIPRef("", n) for n in bodies])
+        writes = []
+        for name, body in bodies.items():
+            current = (store.get(name) or {}).get("status") or {}
+            if _same_pool_status(body, current):
+                continue
+            writes.append(
+                StatusWrite(
+                    ref=EgressIPRef("", name),
+                    resource_version=(store[name].get("metadata") or {}).get("resourceVersion"),
+                    status=body,
+                    context=f"used {body['used']} of {body['total']}",
+                )
+            )
+        self.pool_status.submit(writes)
 
     def _status_write(
         self, result: PolicyResult, obj: dict[str, Any], now: dt.datetime
@@ -485,6 +673,67 @@ class Manager:
         self.events.record(
             write.ref, write.context.uid, "StatusRejected", f"status not written: {why}"
         )
+
+
+def _parse_pool(obj: dict[str, Any]) -> EgressIPPool | tuple[int, str]:
+    """A pool, or (generation, what is wrong with it): never an exception."""
+    try:
+        return parse_pool(obj)
+    except InvalidSpecError as exc:
+        generation = int((obj.get("metadata") or {}).get("generation") or 0)
+        return generation, "; ".join(f"{path}: {msg}" for path, msg in exc.errors)
+
+
+def _network(text: Any) -> IPNetwork | None:
+    try:
+        return ip_network(str(text), strict=False)
+    except ValueError:
+        return None
+
+
+def _pool_status(
+    generation: int,
+    total: int,
+    used: int,
+    free: int,
+    conditions: list[tuple[str, str, str, str]],
+    obj: dict[str, Any] | None,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    previous = {c.get("type"): c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = []
+    for kind, status, reason, message in conditions:
+        prev = previous.get(kind)
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": prev.get("lastTransitionTime", stamp)
+                if prev is not None and prev.get("status") == status
+                else stamp,
+            }
+        )
+    return {
+        "observedGeneration": generation,
+        "total": total,
+        "used": used,
+        "free": free,
+        "conditions": out,
+    }
+
+
+def _same_pool_status(body: dict[str, Any], current: dict[str, Any]) -> bool:
+    if any(body.get(k) != current.get(k) for k in ("observedGeneration", "total", "used", "free")):
+        return False
+
+    def strip(cs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in cs]
+
+    return strip(body["conditions"]) == strip(current.get("conditions") or [])
 
 
 @dataclass(frozen=True)

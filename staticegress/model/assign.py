@@ -5,10 +5,13 @@ on every change; the manager diffs the result against what the objects say
 and writes only what differs.
 
 Rules, in order:
-1. an egress IP belongs to the oldest StaticEgressIP listing it (then
-   namespace/name); younger claimants get no gateway for it (conflict);
+1. an egress IP belongs to the oldest StaticEgressIP whose claim to it a pool
+   grants (`staticegress.model.pools`, then namespace/name); younger
+   claimants get no gateway for it (conflict), refused claims neither, and an
+   owner whose address is forbidden neither (each with its reason);
 2. candidates are the nodes matching the rule's gateway-selector, or else
-   carrying the default gateway label; only healthy ones are eligible; an IP
+   carrying the default gateway label, and the granting pool's nodeSelector;
+   only healthy ones are eligible; an IP
    that several rules of one object list needs a node every one of them
    accepts, since it has a single gateway whichever rule's traffic it carries;
 3. sticky: the current owner keeps the IP while it is eligible;
@@ -33,6 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from staticegress.api.core import Node
+from staticegress.api.pools import EgressIPPool
 from staticegress.api.types import (
     EgressIPAssignment,
     EgressIPRef,
@@ -41,6 +45,7 @@ from staticegress.api.types import (
     NodeName,
     StaticEgressIP,
 )
+from staticegress.model.pools import REFUSALS, Tenancy, unrestricted
 
 DEFAULT_GATEWAY_LABEL = ("staticegress.io/gateway", "true")
 
@@ -75,11 +80,16 @@ def rank(egress_ip: IPAddress, nodes: Iterable[NodeName]) -> list[NodeName]:
 
 
 def _candidates(
-    rule: EgressRule, nodes: Iterable[Node], default_label: tuple[str, str]
+    rule: EgressRule,
+    nodes: Iterable[Node],
+    default_label: tuple[str, str],
+    pools: tuple[EgressIPPool, ...] = (),
 ) -> list[NodeName]:
     out = []
     for n in nodes:
         labels = dict(n.labels)
+        if any(p.node_selector and not p.node_selector.matches(labels) for p in pools):
+            continue
         if rule.gateway_selector is not None:
             if rule.gateway_selector.matches(labels):
                 out.append(n.name)
@@ -97,22 +107,22 @@ def assign_gateways(
     now: datetime,
     default_label: tuple[str, str] = DEFAULT_GATEWAY_LABEL,
     accepting: frozenset[NodeName] | None = None,
+    tenancy: Tenancy | None = None,
 ) -> list[PolicyResult]:
     """The desired status of every policy, in global rule order.
 
     `healthy`: nodes that may keep the egress IPs they have. `accepting`: the
-    subset that may take new ones (its agent answers); None means all healthy."""
+    subset that may take new ones (its agent answers); None means all healthy.
+    `tenancy`: what the pools decide; None judges nothing (every claim granted)."""
     nodes = list(nodes)
 
     def key(p: StaticEgressIP) -> tuple[str, EgressIPRef]:
         return (p.created.isoformat() if p.created else "~", p.ref)
 
     ordered = sorted(policies, key=key)
-    owner: dict[IPAddress, EgressIPRef] = {}
-    for pol in ordered:
-        for rule in pol.spec.rules:
-            for eip in rule.egress_ips:
-                owner.setdefault(eip, pol.ref)
+    if tenancy is None:
+        tenancy = unrestricted(ordered)
+    owner = tenancy.owners
 
     results = []
     for pol in ordered:
@@ -140,16 +150,39 @@ def assign_gateways(
                         f"{pol.ref.namespace}/{rule.service_name} does not exist",
                     )
                 )
+        for message in tenancy.denials.get(pol.ref, ()):
+            problems.append(("CrossNamespaceDenied", message))
         for eip, rules in listed_by.items():
             indexes = tuple(r.index for r in rules)
             old = current.get(eip)
-            if owner[eip] != pol.ref:
-                problems.append(("EgressIPConflict", f"{eip} is already claimed by {owner[eip]}"))
-                assignments.append(EgressIPAssignment(eip, indexes[0], None, None, rules=indexes))
+            claim = tenancy.claim(pol.ref, eip)
+            if claim.refused is not None:
+                problems.append((claim.refused, claim.message))
+                if old is None or old.reason != claim.refused:
+                    events.append(("Warning", claim.refused, claim.message))
+                assignments.append(
+                    EgressIPAssignment(
+                        eip, indexes[0], None, None, rules=indexes, reason=claim.refused
+                    )
+                )
+                continue
+            if owner.get(eip) != pol.ref:
+                problems.append(
+                    ("EgressIPConflict", f"{eip} is already claimed by {owner.get(eip)}")
+                )
+                assignments.append(
+                    EgressIPAssignment(
+                        eip, indexes[0], None, None, rules=indexes, reason="EgressIPConflict"
+                    )
+                )
                 continue
             # The IP has one gateway whichever rule's traffic it carries, so
-            # that node must be allowed by every rule listing it.
-            allowed = set.intersection(*(set(_candidates(r, nodes, default_label)) for r in rules))
+            # that node must be allowed by every rule listing it, and by the
+            # pool that granted it.
+            pools = tenancy.granted_by.get(eip, ())
+            allowed = set.intersection(
+                *(set(_candidates(r, nodes, default_label, pools)) for r in rules)
+            )
             eligible = sorted(n for n in allowed if n in healthy)
             ranked = rank(eip, eligible)
             if old is not None and old.gateway in eligible:
@@ -161,27 +194,45 @@ def assign_gateways(
                 pick = fresh or takers
                 gw = pick[0] if pick else None
             if gw is None:
+                limiting = [p.name for p in pools if p.node_selector]
+                limit = f" (pool {', '.join(limiting)} limits its gateways)" if limiting else ""
                 problems.append(
-                    ("NoEligibleGateway", f"{eip}: no healthy node is eligible as its gateway")
+                    (
+                        "NoEligibleGateway",
+                        f"{eip}: no healthy node is eligible as its gateway{limit}",
+                    )
                 )
                 if old is None or old.gateway is not None:
                     events.append(
-                        ("Warning", "NoEligibleGateway", f"{eip} has no eligible gateway")
+                        ("Warning", "NoEligibleGateway", f"{eip} has no eligible gateway{limit}")
                     )
-                assignments.append(EgressIPAssignment(eip, indexes[0], None, None, rules=indexes))
+                assignments.append(
+                    EgressIPAssignment(
+                        eip,
+                        indexes[0],
+                        None,
+                        None,
+                        rules=indexes,
+                        pool=claim.pool,
+                        reason="NoEligibleGateway",
+                    )
+                )
                 continue
             for i in indexes:
                 used[i].add(gw)
             since = old.since if old is not None and old.gateway == gw else now
             if old is None or old.gateway is None:
-                events.append(("Normal", "GatewayAssigned", f"{eip} -> {gw}"))
+                via = f" (granted by pool {claim.pool})" if claim.pool else ""
+                events.append(("Normal", "GatewayAssigned", f"{eip} -> {gw}{via}"))
             elif old.gateway != gw:
                 events.append(
                     ("Warning", "GatewayFailover", f"{eip} moved from {old.gateway} to {gw}")
                 )
             standbys = tuple(n for n in ranked if n != gw)[:2]
             assignments.append(
-                EgressIPAssignment(eip, indexes[0], gw, since, standbys, rules=indexes)
+                EgressIPAssignment(
+                    eip, indexes[0], gw, since, standbys, rules=indexes, pool=claim.pool
+                )
             )
         results.append(
             PolicyResult(
@@ -201,14 +252,16 @@ def _conditions(
     missing = [a for a in assignments if a.gateway is None]
     if missing:
         reason = next(
-            (r for r, _ in problems if r in ("EgressIPConflict", "NoEligibleGateway")),
+            (r for r, _ in problems if r in (*REFUSALS, "EgressIPConflict", "NoEligibleGateway")),
             "NoEligibleGateway",
         )
+        why = next((m for r, m in problems if r == reason), "")
         ready = ConditionOut(
             "Ready",
             "False",
             reason,
-            f"{len(missing)} of {len(assignments)} egress IPs have no gateway",
+            f"{len(missing)} of {len(assignments)} egress IPs have no gateway"
+            + (f": {why}" if why else ""),
         )
     else:
         ready = ConditionOut("Ready", "True", "GatewayAssigned", "every egress IP has a gateway")
@@ -280,6 +333,10 @@ def status_body(
             entry["since"] = ts(a.since)
         if a.standbys:
             entry["standbys"] = list(a.standbys)
+        if a.pool is not None:
+            entry["pool"] = a.pool
+        if a.reason is not None:
+            entry["reason"] = a.reason
         entries.append(entry)
     return {
         "observedGeneration": result.generation,

@@ -12,10 +12,14 @@ Rules are evaluated in one global order, the same on every node: older
 StaticEgressIP first, then namespace/name, then rule index. A pod that
 several rules select towards the same destination follows the first.
 
-An egress IP belongs to the oldest StaticEgressIP that lists it; a younger
-one listing it too is in conflict and its pods for that IP fail closed. The
-gateway of an egress IP is the node named on the owning object's status
-(written by the manager), if that node exists and has an IPv4 InternalIP.
+An egress IP belongs to the oldest StaticEgressIP whose claim to it a pool
+grants (`staticegress.model.pools`, the same judgement the manager makes); a
+younger one listing it too, or one whose claim is refused, is in conflict and
+its pods for that IP fail closed. A rule's namespace-selector reaches other
+namespaces only as far as the pools of its egress IPs allow: a refused object
+never touches another tenant's pods. The gateway of an egress IP is the node
+named on the owning object's status (written by the manager), if that node
+exists and has an IPv4 InternalIP.
 
 New pods: the hold. A pod's first packets can race the agent: the CNI gives
 it an address before the agent has seen the Pod. Traffic from a local pod
@@ -57,6 +61,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Literal
 
 from staticegress.api.core import Namespace, Node, Pod, Service
+from staticegress.api.pools import EgressIPPool
 from staticegress.api.types import (
     EgressIPRef,
     EgressRule,
@@ -65,6 +70,7 @@ from staticegress.api.types import (
     NodeName,
     StaticEgressIP,
 )
+from staticegress.model.pools import Tenancy, judge_tenancy
 
 Transport = Literal["direct", "vxlan"]
 Steer = int | Literal["local", "drop"]
@@ -82,6 +88,7 @@ class Snapshot:
     namespaces: tuple[Namespace, ...] = ()
     endpoints: tuple[tuple[tuple[str, str], tuple[IPv4Address, ...]], ...] = ()
     """(namespace, service) -> addresses, for Services without a selector."""
+    pools: tuple[EgressIPPool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,9 @@ class AgentConfig:
     that do not fill Node.spec.podCIDR, extra internal networks)."""
     max_slots: int = 63
     """Gateway slots the mark field can hold (0 means "not steered")."""
+    require_pool: bool = False
+    """Honour only egress IPs a StaticEgressIPPool grants (the deployed default;
+    False here so that model tests of other concerns need no pools)."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,7 @@ def _select(
     services: Mapping[tuple[str, str], Service],
     namespaces: Mapping[str, Namespace],
     endpoints: Mapping[tuple[str, str], tuple[IPv4Address, ...]],
+    tenancy: Tenancy,
 ) -> list[Pod]:
     ns = policy.ref.namespace
     if rule.service_name is not None:
@@ -250,7 +261,11 @@ def _select(
         chosen = [ns]
     else:
         nsel = rule.namespace_selector
-        chosen = sorted(n.name for n in namespaces.values() if nsel.matches(dict(n.labels)))
+        chosen = sorted(
+            n.name
+            for n in namespaces.values()
+            if nsel.matches(dict(n.labels)) and tenancy.allows_namespace(policy.ref, rule, n.name)
+        )
     psel = rule.pod_selector
     match = psel.match_labels if psel is not None else ()
     out: list[Pod] = []
@@ -362,17 +377,25 @@ def compute_desired(
 
     # Who owns each egress IP, and which node is its gateway.
     policies = _order(snapshot.policies)
-    owner: dict[IPAddress, EgressIPRef] = {}
+    tenancy = judge_tenancy(
+        policies,
+        pools=snapshot.pools,
+        namespaces={n.name: dict(n.labels) for n in snapshot.namespaces},
+        require_pool=config.require_pool,
+    )
+    owner = tenancy.owners
+    listed = {e for pol in policies for r in pol.spec.rules for e in r.egress_ips}
     gateway_of: dict[IPAddress, NodeName] = {}
     named: list[IPv4Address] = []
     unheld: set[IPAddress] = set()
+    seen: set[IPAddress] = set()
     for pol in policies:
         status = {a.egress_ip: a for a in pol.status.egress_ips}
         for rule in pol.spec.rules:
             for eip in rule.egress_ips:
-                if not isinstance(eip, IPv4Address) or eip in owner:
+                if not isinstance(eip, IPv4Address) or owner.get(eip) != pol.ref or eip in seen:
                     continue
-                owner[eip] = pol.ref
+                seen.add(eip)
                 entry = status.get(eip)
                 gw = entry.gateway if entry is not None else None
                 if gw == me:
@@ -408,6 +431,7 @@ def compute_desired(
                 services=services,
                 namespaces=namespaces,
                 endpoints=endpoints,
+                tenancy=tenancy,
             )
             picks = [
                 (p, usable[stable_bucket(p.ip, len(usable))] if usable and p.ip else None)
@@ -415,7 +439,12 @@ def compute_desired(
             ]
             local = sum(1 for p in selected if p.node == me)
             if local and conflicted:
-                others = ", ".join(f"{e} (held by {owner[e]})" for e in conflicted)
+                others = ", ".join(
+                    f"{e} (held by {owner[e]})"
+                    if e in owner
+                    else f"{e} ({tenancy.claim(pol.ref, e).refused})"
+                    for e in conflicted
+                )
                 problems.append(
                     Problem(
                         pol.ref,
@@ -540,7 +569,7 @@ def compute_desired(
             )
         ),
         named=tuple(sorted(named)),
-        egress_ips=tuple(sorted(e for e in owner if isinstance(e, IPv4Address))),
+        egress_ips=tuple(sorted(e for e in listed if isinstance(e, IPv4Address))),
         cluster=tuple(collapse_addresses(cluster)),
         remote_pods=tuple(sorted(remote)),
         return_routes=tuple(sorted(returns.items())) if transport_vxlan else (),

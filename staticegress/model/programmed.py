@@ -40,7 +40,14 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from staticegress.api.types import Condition, EgressIPRef, IPAddress, NodeName, StaticEgressIP
+from staticegress.api.types import (
+    Condition,
+    EgressIPRef,
+    IPAddress,
+    IPNetwork,
+    NodeName,
+    StaticEgressIP,
+)
 from staticegress.model.assign import ConditionOut, PolicyResult
 from staticegress.model.desired import DesiredState
 
@@ -63,6 +70,10 @@ class AgentRecord:
     fenced: bool = False
     withheld: frozenset[IPAddress] = frozenset()
     owned: frozenset[IPAddress] = frozenset()
+    subnet: IPNetwork | None = None
+    """The connected subnet of the node's uplink, as the agent sees it."""
+    routers: frozenset[IPAddress] = frozenset()
+    """The next hops of the node's default routes: never an egress IP."""
 
 
 def agent_record(
@@ -71,6 +82,8 @@ def agent_record(
     policies: Iterable[StaticEgressIP],
     desired: DesiredState,
     withheld: frozenset[IPAddress],
+    subnet: IPNetwork | None = None,
+    routers: frozenset[IPAddress] = frozenset(),
 ) -> AgentRecord:
     """The record an agent publishes once `desired`, computed from `policies`, is applied."""
     active = {r.ref for r in desired.rules if r.steer or r.snat}
@@ -85,6 +98,8 @@ def agent_record(
         fenced=bool(withheld),
         withheld=frozenset(withheld),
         owned=frozenset(desired.owned),
+        subnet=subnet,
+        routers=routers,
     )
 
 

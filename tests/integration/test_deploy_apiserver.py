@@ -33,6 +33,11 @@ def test_the_product_is_accepted_by_the_api_server(kubectl: Callable[..., str]) 
     for obj in (
         "namespace/staticegress-system",
         "customresourcedefinition.apiextensions.k8s.io/staticegressips.staticegressips.io",
+        "customresourcedefinition.apiextensions.k8s.io/staticegressippools.staticegressips.io",
+        "clusterrole.rbac.authorization.k8s.io/staticegress-edit",
+        "clusterrole.rbac.authorization.k8s.io/staticegress-view",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/staticegress-pools",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/staticegress-pools",
         "daemonset.apps/staticegress-agent",
         "deployment.apps/staticegress-manager",
         "poddisruptionbudget.policy/staticegress-manager",
@@ -68,7 +73,14 @@ def test_uninstall_removes_the_product_and_runs_the_cleanup_kit(
         )
 
     kubectl("apply", "-k", str(deploy_dir()))
-    kubectl("wait", "--for=condition=Established", "crd/staticegressips.staticegressips.io")
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd/staticegressips.staticegressips.io",
+        "crd/staticegressippools.staticegressips.io",
+    )
+    # A pool too: deleting its CRD takes it along.
+    kubectl("apply", "-f", str(deploy_dir() / "examples" / "pool.yaml"))
     kubectl("create", "namespace", "tenant")
     kubectl(
         "-n",
@@ -99,15 +111,21 @@ def test_uninstall_removes_the_product_and_runs_the_cleanup_kit(
         assert step in proc.stderr, proc.stderr
     # The kit ran with the image the agents ran.
     assert "image staticegress:0.1.0" in proc.stderr, proc.stderr
-    # Nothing of ours is left: the CRD (and so every StaticEgressIP), both
-    # namespaces, the cluster-wide identities and the admission policy.
+    # Nothing of ours is left: the CRDs (and so every StaticEgressIP and
+    # pool), both namespaces, the cluster-wide identities and roles, and the
+    # admission policies.
     for gone in (
         ("crd", "staticegressips.staticegressips.io"),
+        ("crd", "staticegressippools.staticegressips.io"),
         ("namespace", "staticegress-system"),
         ("namespace", "staticegress-uninstall"),
         ("clusterrole", "staticegress-agent"),
         ("clusterrolebinding", "staticegress-manager"),
         ("validatingadmissionpolicy", "staticegress-agent-report"),
+        ("validatingadmissionpolicy", "staticegress-pools"),
+        ("validatingadmissionpolicybinding", "staticegress-pools"),
+        ("clusterrole", "staticegress-edit"),
+        ("clusterrole", "staticegress-view"),
     ):
         got = kubectl("get", *gone, check=False)
         assert got.returncode != 0, f"{gone} is still there"

@@ -271,3 +271,88 @@ def test_images_use_one_name_an_overlay_can_replace(
     images = {c["image"] for _, c, _ in _containers(product) + _containers(kit)}
     assert {i.rsplit(":", 1)[0] for i in images} == {"staticegress"}
     assert len(images) == 1
+
+
+def _rules(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = _one(docs, "ClusterRole", name)["rules"]
+    return rules
+
+
+def _grants(rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    return {
+        verb
+        for r in rules
+        if group in r["apiGroups"] and resource in r["resources"]
+        for verb in r["verbs"]
+    }
+
+
+def test_the_product_installs_pools_their_admission_policy_and_the_tenant_roles(
+    product: list[dict[str, Any]],
+) -> None:
+    crds = [d["metadata"]["name"] for d in product if d["kind"] == "CustomResourceDefinition"]
+    assert sorted(crds) == [
+        "staticegressippools.staticegressips.io",
+        "staticegressips.staticegressips.io",
+    ]
+    assert not [d for d in product if d["kind"] == "StaticEgressIPPool"], "a pool was included"
+    policy = _one(product, "ValidatingAdmissionPolicy", "staticegress-pools")["spec"]
+    assert policy["failurePolicy"] == "Fail"
+    assert policy["paramKind"] == {
+        "apiVersion": "staticegressips.io/v1alpha1",
+        "kind": "StaticEgressIPPool",
+    }
+    (rule,) = policy["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["staticegressips"], "never the status subresource"
+    assert sorted(rule["operations"]) == ["CREATE", "UPDATE"]
+    binding = _one(product, "ValidatingAdmissionPolicyBinding", "staticegress-pools")["spec"]
+    assert binding["policyName"] == "staticegress-pools"
+    assert binding["validationActions"] == ["Deny"]
+    # Every pool is a parameter; with none, everything is admitted (opt-out
+    # clusters keep working, the manager reports NotInPool).
+    assert binding["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
+
+
+def test_tenant_roles_aggregate_into_the_default_roles_and_never_reach_pools(
+    product: list[dict[str, Any]],
+) -> None:
+    group = "staticegressips.io"
+    edit = _one(product, "ClusterRole", "staticegress-edit")
+    view = _one(product, "ClusterRole", "staticegress-view")
+    prefix = "rbac.authorization.k8s.io/aggregate-to-"
+    assert edit["metadata"]["labels"] == {f"{prefix}admin": "true", f"{prefix}edit": "true"}
+    assert view["metadata"]["labels"] == {f"{prefix}view": "true"}
+    assert _grants(edit["rules"], group, "staticegressips") == {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+    }
+    assert _grants(view["rules"], group, "staticegressips") == {"get", "list", "watch"}
+    assert _grants(view["rules"], group, "staticegressips/status") == {"get", "list", "watch"}
+    for role in (edit, view):
+        resources = {res for r in role["rules"] for res in r["resources"]}
+        assert resources <= {"staticegressips", "staticegressips/status"}, role
+        assert not _grants(role["rules"], group, "staticegressips/status") - {
+            "get",
+            "list",
+            "watch",
+        }
+
+
+def test_manager_and_agent_read_pools_and_what_judging_them_needs(
+    product: list[dict[str, Any]],
+) -> None:
+    group = "staticegressips.io"
+    manager = _rules(product, "staticegress-manager")
+    assert _grants(manager, group, "staticegressippools") == {"list", "watch"}
+    assert _grants(manager, group, "staticegressippools/status") == {"patch"}
+    assert _grants(manager, "", "namespaces") == {"list", "watch"}
+    assert _grants(manager, "networking.k8s.io", "servicecidrs") == {"list", "watch"}
+    agent = _rules(product, "staticegress-agent")
+    assert _grants(agent, group, "staticegressippools") == {"list", "watch"}
+    assert not _grants(agent, group, "staticegressippools/status")
