@@ -103,6 +103,23 @@ def _holders(ip: str) -> list[str]:
     return out
 
 
+def _on_gateway_only(lab: Lab, ns: str, name: str, ip: str, seconds: float = 10) -> str:
+    """Wait until `ip` is on the node its status names, and on no other; that node."""
+    seen: list[tuple[Any, list[str]]] = []
+
+    def check() -> str | None:
+        gateway = (_entry(lab, ns, name, ip) or {}).get("gateway")
+        holders = _holders(ip)
+        seen.append((gateway, holders))
+        return str(gateway) if gateway and holders == [gateway] else None
+
+    try:
+        return wait_for(f"{ip} on its gateway only", check, seconds=seconds, every=0.1)
+    except AssertionError as exc:
+        changes = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
+        raise AssertionError(f"{exc}; (gateway, holders) over time: {changes}") from None
+
+
 def _sources(lab: Lab, pods: list[dict[str, Any]], tries: int = 1) -> set[str]:
     """What the server saw from each pod ('' for no answer), over `tries` rounds."""
     seen = set()
@@ -158,19 +175,14 @@ def test_a_tenant_cannot_take_another_tenants_pooled_ip(
     _settled(lab, *first, ip)  # its status is written before the other exists
     lab.kubectl("apply", "-n", second[0], "-f", "-", stdin=_object(second[1], [ip]))
     try:
-        owner = _settled(lab, "tenant-b", "owner", ip, gateway="any", pool="pool-b")
+        _settled(lab, "tenant-b", "owner", ip, gateway="any", pool="pool-b")
         thief = _settled(lab, "tenant-a", "thief", ip, reason="NamespaceNotGranted")
         assert "gateway" not in thief
         ready = _condition(lab, "tenant-a", "thief", "Ready")
         assert ready["status"] == "False"
         assert "pool-b" in ready["message"], ready
         assert "tenant-a" in ready["message"], ready
-        wait_for(
-            f"{ip} on its gateway only",
-            lambda: _holders(ip) == [owner["gateway"]],
-            seconds=5,
-            every=0.1,
-        )
+        _on_gateway_only(lab, "tenant-b", "owner", ip)
         wait_for(
             "tenant-b's pods leave with its egress IP",
             lambda: _sources(lab, tenants["tenant-b"]) == {ip},
@@ -272,13 +284,13 @@ def test_shrinking_a_pool_withdraws_the_ip(
     ip = "198.51.100.226"
     lab.kubectl("apply", "-n", "tenant-a", "-f", "-", stdin=_object("shrink", [ip]))
     try:
-        entry = _settled(lab, "tenant-a", "shrink", ip, gateway="any", pool="pool-a")
+        _settled(lab, "tenant-a", "shrink", ip, gateway="any", pool="pool-a")
         wait_for(
             "tenant-a's pods leave with the egress IP",
             lambda: _sources(lab, tenants["tenant-a"]) == {ip},
             seconds=20,
         )
-        assert _holders(ip) == [entry["gateway"]]  # the pods' traffic went through it
+        _on_gateway_only(lab, "tenant-a", "shrink", ip)
         pool = lab.get("staticegressippool", "pool-a")
         assert pool["status"]["used"] >= 1, pool["status"]
 

@@ -422,7 +422,8 @@ def compute_desired(
                 )
                 continue
             mine = [e for e in rule.egress_ips if isinstance(e, IPv4Address)]
-            conflicted = [e for e in mine if owner.get(e) != pol.ref]
+            refused = [e for e in mine if not tenancy.claim(pol.ref, e).granted]
+            conflicted = [e for e in mine if owner.get(e) != pol.ref and e not in refused]
             usable = [e for e in mine if owner.get(e) == pol.ref and e in gateway_of]
             selected = _select(
                 pol,
@@ -438,13 +439,17 @@ def compute_desired(
                 for p in selected
             ]
             local = sum(1 for p in selected if p.node == me)
-            if local and conflicted:
-                others = ", ".join(
-                    f"{e} (held by {owner[e]})"
-                    if e in owner
-                    else f"{e} ({tenancy.claim(pol.ref, e).refused})"
-                    for e in conflicted
+            for e in refused if local else ():
+                claim = tenancy.claim(pol.ref, e)
+                problems.append(
+                    Problem(
+                        pol.ref,
+                        claim.refused or "Refused",
+                        f"rule {rule.index}: {claim.message}; not used on {me}",
+                    )
                 )
+            if local and conflicted:
+                others = ", ".join(f"{e} (held by {owner.get(e)})" for e in conflicted)
                 problems.append(
                     Problem(
                         pol.ref,

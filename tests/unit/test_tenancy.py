@@ -316,6 +316,9 @@ def test_an_agent_follows_the_pools_for_ownership() -> None:
     steer = _steer(director)
     assert steer["10.244.1.11"] != "drop"
     assert steer["10.244.1.10"] == "drop"  # the refused claim fails closed, on its own pods
+    reasons = {(str(p.ref), p.reason) for p in director.problems}
+    assert ("tenant-a/thief", NAMESPACE_NOT_GRANTED) in reasons
+    assert ("tenant-a/thief", "EgressIPConflict") not in reasons
 
 
 def test_an_agent_never_lets_a_refused_rule_reach_another_namespace() -> None:
