@@ -202,6 +202,12 @@ def parse_service(obj: Mapping[str, Any]) -> Service | None:
     )
 
 
+def parse_service_cidr(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
+    """The ranges of one ServiceCIDR (`networking.k8s.io/v1`); unreadable ones dropped."""
+    cidrs = (obj.get("spec") or {}).get("cidrs") or []
+    return tuple(n for n in map(_net, cidrs) if n is not None)
+
+
 def parse_namespace(obj: Mapping[str, Any]) -> Namespace | None:
     meta = obj.get("metadata") or {}
     if not meta.get("name"):

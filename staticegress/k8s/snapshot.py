@@ -61,24 +61,28 @@ class ParseCache:
         return out
 
 
+def _invalid(obj: Mapping[str, Any], exc: InvalidSpecError) -> Invalid:
+    meta = obj.get("metadata") or {}
+    ref = EgressIPRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
+    detail = "; ".join(f"{path}: {msg}" for path, msg in exc.errors)
+    return Invalid(ref, int(meta.get("generation") or 0), detail)
+
+
 def parse_policy(obj: Mapping[str, Any]) -> StaticEgressIP | Invalid:
     """A StaticEgressIP, or what is wrong with it: never an exception."""
     try:
         return parse_static_egress_ip(obj)
     except InvalidSpecError as exc:
-        meta = obj.get("metadata") or {}
-        ref = EgressIPRef(str(meta.get("namespace", "")), str(meta.get("name", "")))
-        detail = "; ".join(f"{path}: {msg}" for path, msg in exc.errors)
-        return Invalid(ref, int(meta.get("generation") or 0), detail)
+        return _invalid(obj, exc)
 
 
-def parse_pool_or_none(obj: Mapping[str, Any]) -> EgressIPPool | None:
-    """A pool, or None for one that breaks the API's rules: an invalid pool
-    grants nothing (the manager reports it on the pool's status)."""
+def parse_pool_checked(obj: Mapping[str, Any]) -> EgressIPPool | Invalid:
+    """A StaticEgressIPPool, or what is wrong with it (its ref has no namespace).
+    An invalid pool grants nothing; the manager reports it on the pool's status."""
     try:
         return parse_pool(obj)
-    except InvalidSpecError:
-        return None
+    except InvalidSpecError as exc:
+        return _invalid(obj, exc)
 
 
 def build_snapshot(
@@ -113,7 +117,11 @@ def build_snapshot(
         endpoints=tuple(sorted((k, tuple(sorted(v))) for k, v in endpoints.items())),
         pools=tuple(
             sorted(
-                (p for p in cache.parse_all("pools", pools or {}, parse_pool_or_none) if p),
+                (
+                    p
+                    for p in cache.parse_all("pools", pools or {}, parse_pool_checked)
+                    if isinstance(p, EgressIPPool)
+                ),
                 key=lambda p: p.name,
             )
         ),

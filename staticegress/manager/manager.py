@@ -44,7 +44,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, ip_network
+from ipaddress import IPv4Address
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -53,16 +53,23 @@ from staticegress.agent.health import HealthState
 from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
 from staticegress.agent.sync import SyncRunner
-from staticegress.api.core import Node, Service, parse_namespace, parse_node, parse_service
-from staticegress.api.pools import POOL_PLURAL, EgressIPPool, parse_pool
+from staticegress.api.core import (
+    Node,
+    Service,
+    parse_namespace,
+    parse_node,
+    parse_service,
+    parse_service_cidr,
+)
+from staticegress.api.pools import POOL_PLURAL, EgressIPPool
 from staticegress.api.types import EgressIPRef, IPAddress, IPNetwork, NodeName
-from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION, InvalidSpecError
+from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
 from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.k8s.agentreport import LABEL_SELECTOR, records_from_store
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
-from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy
+from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy, parse_pool_checked
 from staticegress.k8s.status import KubeStatusAPI, PoolStatusAPI, StatusWrite, StatusWriter
 from staticegress.manager.grants import MAP_ANNOTATION, GrantService, decode_map, encode_map
 from staticegress.manager.leader import LeaderElector
@@ -71,6 +78,7 @@ from staticegress.model.assign import (
     ConditionOut,
     PolicyResult,
     assign_gateways,
+    conditions_body,
     gateway_candidates,
     invalid_result,
     same_status,
@@ -511,30 +519,27 @@ class Manager:
             w for w in (self._status_write(r, store[str(r.ref)], now) for r in results) if w
         )
 
-    def _pools(self) -> tuple[list[EgressIPPool], dict[str, tuple[int, str]]]:
-        """The valid pools, and (generation, error) of every pool that is not."""
-        pools: list[EgressIPPool] = []
-        bad: dict[str, tuple[int, str]] = {}
-        store = self.reflectors["pools"].store
-        for key, pool in zip(
-            store, self.parse_cache.parse_all("pools", store, _parse_pool), strict=True
-        ):
-            if isinstance(pool, EgressIPPool):
-                pools.append(pool)
-            else:
-                bad[key] = pool
-        return pools, bad
+    def _pools(self) -> tuple[list[EgressIPPool], list[Invalid]]:
+        """The valid pools, and what is wrong with each pool that is not."""
+        parsed = self.parse_cache.parse_all(
+            "pools", self.reflectors["pools"].store, parse_pool_checked
+        )
+        return (
+            [p for p in parsed if isinstance(p, EgressIPPool)],
+            [p for p in parsed if isinstance(p, Invalid)],
+        )
 
     def _forbidden(self, nodes: list[Node], services: list[Service]) -> Forbidden:
         """The cluster's own addresses: never an egress IP, whatever a pool holds."""
         internal = {n.name: n.internal_ip for n in nodes}
         records = records_from_store(self.reports.store, nodes=internal)
-        cidrs: list[IPNetwork] = []
-        for obj in self.service_cidrs.store.values():
-            for text in (obj.get("spec") or {}).get("cidrs") or []:
-                net = _network(text)
-                if net is not None:
-                    cidrs.append(net)
+        cidrs = [
+            net
+            for nets in self.parse_cache.parse_all(
+                "servicecidrs", self.service_cidrs.store, parse_service_cidr
+            )
+            for net in nets
+        ]
         return forbidden_addresses(
             node_addresses=[(n.name, a) for n in nodes for a in n.addresses],
             pod_ranges=[
@@ -554,7 +559,7 @@ class Manager:
     def _write_pool_status(
         self,
         pools: list[EgressIPPool],
-        bad: dict[str, tuple[int, str]],
+        bad: list[Invalid],
         tenancy: Tenancy,
         forbidden: Forbidden,
         now: dt.datetime,
@@ -563,57 +568,59 @@ class Manager:
         objects' statuses: one pool at a time, never holding anything up."""
         store = self.reflectors["pools"].store
         usage = pool_usage(pools, tenancy)
-        bodies: dict[str, dict[str, Any]] = {}
+        counts: dict[str, tuple[int, int, int, int]] = {}
+        conditions: dict[str, tuple[ConditionOut, ...]] = {}
         for pool in pools:
             u = usage[pool.name]
+            counts[pool.name] = (pool.generation, u.total, u.used, u.free)
             reserved = [
                 f"{net} ({what})"
                 for net, what in forbidden.ranges
                 if any(net.version == c.version and net.overlaps(c) for c in pool.cidrs)
             ]
-            conditions = [
-                ("Ready", "True", "Granting", f"{u.used} of {u.total} addresses in use"),
-                (
-                    (
-                        "Degraded",
-                        "True",
-                        "ForbiddenAddresses",
-                        "never granted, though held: "
-                        + "; ".join(reserved[:8])
-                        + (f" and {len(reserved) - 8} more" if reserved[8:] else ""),
-                    )
-                    if reserved
-                    else ("Degraded", "False", "AsExpected", "no problems")
+            conditions[pool.name] = (
+                ConditionOut(
+                    "Ready", "True", "Granting", f"{u.used} of {u.total} addresses in use"
                 ),
-            ]
-            bodies[pool.name] = _pool_status(
-                pool.generation, u.total, u.used, u.free, conditions, store.get(pool.name), now
+                ConditionOut(
+                    "Degraded",
+                    "True",
+                    "ForbiddenAddresses",
+                    "never granted, though held: "
+                    + "; ".join(reserved[:8])
+                    + (f" and {len(reserved) - 8} more" if reserved[8:] else ""),
+                )
+                if reserved
+                else ConditionOut("Degraded", "False", "AsExpected", "no problems"),
             )
-        for name, (generation, error) in bad.items():
-            bodies[name] = _pool_status(
-                generation,
-                0,
-                0,
-                0,
-                [
-                    ("Ready", "False", "InvalidSpec", error[:1000]),
-                    ("Degraded", "True", "InvalidSpec", error[:1000]),
-                ],
-                store.get(name),
-                now,
+        for invalid in bad:
+            counts[invalid.ref.name] = (invalid.generation, 0, 0, 0)
+            conditions[invalid.ref.name] = (
+                ConditionOut("Ready", "False", "InvalidSpec", invalid.error[:1000]),
+                ConditionOut("Degraded", "True", "InvalidSpec", invalid.error[:1000]),
             )
-        self.pool_status.retain([EgressIPRef("", n) for n in bodies])
+        self.pool_status.retain([EgressIPRef("", n) for n in counts])
         writes = []
-        for name, body in bodies.items():
-            current = (store.get(name) or {}).get("status") or {}
-            if _same_pool_status(body, current):
+        for name, (generation, total, used, free) in counts.items():
+            current = store[name].get("status") or {}
+            previous = {c.get("type"): c for c in current.get("conditions") or []}
+            body = {
+                "observedGeneration": generation,
+                "total": total,
+                "used": used,
+                "free": free,
+                "conditions": conditions_body(
+                    conditions[name], generation=generation, previous_conditions=previous, now=now
+                ),
+            }
+            if same_status(body, current, keys=("observedGeneration", "total", "used", "free")):
                 continue
             writes.append(
                 StatusWrite(
                     ref=EgressIPRef("", name),
                     resource_version=(store[name].get("metadata") or {}).get("resourceVersion"),
                     status=body,
-                    context=f"used {body['used']} of {body['total']}",
+                    context=f"used {used} of {total}",
                 )
             )
         self.pool_status.submit(writes)
@@ -673,67 +680,6 @@ class Manager:
         self.events.record(
             write.ref, write.context.uid, "StatusRejected", f"status not written: {why}"
         )
-
-
-def _parse_pool(obj: dict[str, Any]) -> EgressIPPool | tuple[int, str]:
-    """A pool, or (generation, what is wrong with it): never an exception."""
-    try:
-        return parse_pool(obj)
-    except InvalidSpecError as exc:
-        generation = int((obj.get("metadata") or {}).get("generation") or 0)
-        return generation, "; ".join(f"{path}: {msg}" for path, msg in exc.errors)
-
-
-def _network(text: Any) -> IPNetwork | None:
-    try:
-        return ip_network(str(text), strict=False)
-    except ValueError:
-        return None
-
-
-def _pool_status(
-    generation: int,
-    total: int,
-    used: int,
-    free: int,
-    conditions: list[tuple[str, str, str, str]],
-    obj: dict[str, Any] | None,
-    now: dt.datetime,
-) -> dict[str, Any]:
-    previous = {c.get("type"): c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    out = []
-    for kind, status, reason, message in conditions:
-        prev = previous.get(kind)
-        out.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "observedGeneration": generation,
-                "lastTransitionTime": prev.get("lastTransitionTime", stamp)
-                if prev is not None and prev.get("status") == status
-                else stamp,
-            }
-        )
-    return {
-        "observedGeneration": generation,
-        "total": total,
-        "used": used,
-        "free": free,
-        "conditions": out,
-    }
-
-
-def _same_pool_status(body: dict[str, Any], current: dict[str, Any]) -> bool:
-    if any(body.get(k) != current.get(k) for k in ("observedGeneration", "total", "used", "free")):
-        return False
-
-    def strip(cs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in cs]
-
-    return strip(body["conditions"]) == strip(current.get("conditions") or [])
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,36 @@ def invalid_result(ref: EgressIPRef, generation: int, error: str) -> PolicyResul
     )
 
 
+def _ts(t: datetime | None) -> str | None:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else None
+
+
+def conditions_body(
+    conditions: Iterable[ConditionOut],
+    *,
+    generation: int,
+    previous_conditions: Mapping[str, Mapping[str, Any]],
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Conditions as a status carries them; a condition whose status did not
+    change keeps its transition time."""
+    out = []
+    for c in conditions:
+        prev = previous_conditions.get(c.type)
+        kept = prev.get("lastTransitionTime") if prev and prev.get("status") == c.status else None
+        out.append(
+            {
+                "type": c.type,
+                "status": c.status,
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": generation,
+                "lastTransitionTime": kept or _ts(now),
+            }
+        )
+    return out
+
+
 def status_body(
     result: PolicyResult,
     *,
@@ -303,24 +333,12 @@ def status_body(
     now: datetime,
 ) -> dict[str, Any]:
     """The status subresource for `result`, keeping transition times that did not change."""
-
-    def ts(t: datetime | None) -> str | None:
-        return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else None
-
-    conditions = []
-    for c in result.conditions:
-        prev = previous_conditions.get(c.type)
-        same = prev is not None and prev.get("status") == c.status
-        conditions.append(
-            {
-                "type": c.type,
-                "status": c.status,
-                "reason": c.reason,
-                "message": c.message,
-                "observedGeneration": result.generation,
-                "lastTransitionTime": prev["lastTransitionTime"] if same and prev else ts(now),
-            }
-        )
+    conditions = conditions_body(
+        result.conditions,
+        generation=result.generation,
+        previous_conditions=previous_conditions,
+        now=now,
+    )
     entries = []
     for a in result.assignments:
         entry: dict[str, Any] = {
@@ -330,7 +348,7 @@ def status_body(
         }
         if a.gateway is not None:
             entry["gateway"] = a.gateway
-            entry["since"] = ts(a.since)
+            entry["since"] = _ts(a.since)
         if a.standbys:
             entry["standbys"] = list(a.standbys)
         if a.pool is not None:
@@ -367,13 +385,13 @@ def gateway_candidates(
     return frozenset(out)
 
 
-def same_status(body: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    """Whether `current` already says what `body` would write.
-
-    Equal apart from fields the API server may render differently (a
-    condition's transition time keeps its old value on purpose).
-    """
-    keys = ("observedGeneration", "egressIPs", "summary")
+def same_status(
+    body: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: tuple[str, ...] = ("observedGeneration", "egressIPs", "summary"),
+) -> bool:
+    """Whether `current` already says what `body` would write: equal in `keys`
+    and in the conditions, apart from their transition times (kept on purpose)."""
     if any(body.get(k) != current.get(k) for k in keys):
         return False
     strip = ("lastTransitionTime",)
