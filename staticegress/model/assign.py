@@ -45,7 +45,7 @@ from staticegress.api.types import (
     NodeName,
     StaticEgressIP,
 )
-from staticegress.model.pools import REFUSALS, Tenancy, unrestricted
+from staticegress.model.pools import REFUSALS, Tenancy, oldest_first, unrestricted
 
 DEFAULT_GATEWAY_LABEL = ("staticegress.io/gateway", "true")
 
@@ -116,10 +116,7 @@ def assign_gateways(
     `tenancy`: what the pools decide; None judges nothing (every claim granted)."""
     nodes = list(nodes)
 
-    def key(p: StaticEgressIP) -> tuple[str, EgressIPRef]:
-        return (p.created.isoformat() if p.created else "~", p.ref)
-
-    ordered = sorted(policies, key=key)
+    ordered = oldest_first(policies)
     if tenancy is None:
         tenancy = unrestricted(ordered)
     owner = tenancy.owners

@@ -70,7 +70,7 @@ from staticegress.api.types import (
     NodeName,
     StaticEgressIP,
 )
-from staticegress.model.pools import Tenancy, judge_tenancy
+from staticegress.model.pools import Tenancy, judge_tenancy, oldest_first
 
 Transport = Literal["direct", "vxlan"]
 Steer = int | Literal["local", "drop"]
@@ -196,14 +196,6 @@ class DesiredState:
     @property
     def pods_snat(self) -> int:
         return sum(len(r.snat) for r in self.rules)
-
-
-def _order(policies: Iterable[StaticEgressIP]) -> list[StaticEgressIP]:
-    def key(p: StaticEgressIP) -> tuple[str, EgressIPRef]:
-        created = p.created.isoformat() if p.created is not None else "~"
-        return created, p.ref
-
-    return sorted(policies, key=key)
 
 
 def stable_bucket(pod: IPv4Address, buckets: int) -> int:
@@ -376,7 +368,7 @@ def compute_desired(
             cluster.append(IPv4Network(n.internal_ip))
 
     # Who owns each egress IP, and which node is its gateway.
-    policies = _order(snapshot.policies)
+    policies = oldest_first(snapshot.policies)
     tenancy = judge_tenancy(
         policies,
         pools=snapshot.pools,

@@ -143,7 +143,10 @@ def unrestricted(policies: Iterable[StaticEgressIP]) -> Tenancy:
     return judge_tenancy(policies, pools=(), namespaces={}, require_pool=False)
 
 
-def _order(policies: Iterable[StaticEgressIP]) -> list[StaticEgressIP]:
+def oldest_first(policies: Iterable[StaticEgressIP]) -> list[StaticEgressIP]:
+    """The global order of objects, the same on every node and in the manager:
+    older first (creationTimestamp), then namespace/name."""
+
     def key(p: StaticEgressIP) -> tuple[str, EgressIPRef]:
         return (p.created.isoformat() if p.created is not None else "~", p.ref)
 
@@ -161,7 +164,7 @@ def judge_tenancy(
     """Judge every claim of every object. `namespaces`: name -> labels of every
     namespace the caller knows (a namespace it does not know grants nothing)."""
     pools = sorted(pools, key=lambda p: p.name)
-    ordered = _order(policies)
+    ordered = oldest_first(policies)
     claims: dict[tuple[EgressIPRef, IPAddress], Claim] = {}
     owners: dict[IPAddress, EgressIPRef] = {}
     granting: dict[tuple[EgressIPRef, IPAddress], tuple[EgressIPPool, ...]] = {}
