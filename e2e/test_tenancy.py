@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -173,6 +174,8 @@ def test_a_tenant_cannot_take_another_tenants_pooled_ip(
     first, second = (("tenant-a", "thief"), ("tenant-b", "owner"))[:: 1 if thief_first else -1]
     lab.kubectl("apply", "-n", first[0], "-f", "-", stdin=_object(first[1], [ip]))
     _settled(lab, *first, ip)  # its status is written before the other exists
+    # Creation times have whole seconds: the second object must be younger, not tied.
+    time.sleep(1.1)
     lab.kubectl("apply", "-n", second[0], "-f", "-", stdin=_object(second[1], [ip]))
     try:
         _settled(lab, "tenant-b", "owner", ip, gateway="any", pool="pool-b")

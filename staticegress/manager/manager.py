@@ -81,6 +81,7 @@ from staticegress.model.assign import (
     conditions_body,
     gateway_candidates,
     invalid_result,
+    owned_gateways,
     same_status,
     status_body,
 )
@@ -499,9 +500,7 @@ class Manager:
             tenancy=tenancy,
         )
         self._write_pool_status(pools, bad_pools, tenancy, forbidden, now)
-        await self._publish(
-            {a.egress_ip: a.gateway for r in results for a in r.assignments if r.assignments}
-        )
+        await self._publish(owned_gateways(results, tenancy.owners))
         if verdict.frozen:
             results = [_detector_fault(r, verdict) for r in results]
         # `Programmed` from what the agents confirm, not from the assignment.

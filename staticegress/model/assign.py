@@ -293,6 +293,21 @@ def invalid_result(ref: EgressIPRef, generation: int, error: str) -> PolicyResul
     )
 
 
+def owned_gateways(
+    results: Iterable[PolicyResult], owners: Mapping[IPAddress, EgressIPRef]
+) -> dict[IPAddress, NodeName | None]:
+    """Each egress IP's gateway as its owner's result gives it: what the grants
+    follow. Only the owner speaks for an address; another claimant's entry (a
+    conflict or a refused claim, never with a gateway) must not clear it, in
+    whatever order the results come."""
+    return {
+        a.egress_ip: a.gateway
+        for r in results
+        for a in r.assignments
+        if owners.get(a.egress_ip) == r.ref
+    }
+
+
 def _ts(t: datetime | None) -> str | None:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else None
 

@@ -12,7 +12,7 @@ from staticegress.api.pools import EgressIPPool, parse_pool
 from staticegress.api.types import EgressIPRef, NodeName
 from staticegress.api.v1alpha1 import parse_static_egress_ip
 from staticegress.k8s.agentreport import decode, encode
-from staticegress.model.assign import assign_gateways
+from staticegress.model.assign import assign_gateways, owned_gateways
 from staticegress.model.desired import AgentConfig, Snapshot, compute_desired
 from staticegress.model.pools import (
     CROSS_NAMESPACE_DENIED,
@@ -408,3 +408,15 @@ def test_the_agents_report_carries_its_subnet_and_routers() -> None:
     assert back.subnet == record.subnet
     assert back.routers == record.routers
     assert decode(NodeName("n"), encode(AgentRecord(node=NodeName("n")))).subnet is None
+
+
+def test_the_grants_follow_the_owner_whatever_order_the_claimants_come_in() -> None:
+    owner = _pol("tenant-b", "owner", ["198.51.100.209"], created=OLD)
+    thief = _pol("tenant-a", "thief", ["198.51.100.209"], created=NEW)
+    tenancy = _judge([owner, thief], [POOL_A, POOL_B])
+    results = list(_assign([owner, thief], tenancy).values())
+    ip = ip_address("198.51.100.209")
+    for ordered in (results, results[::-1]):
+        gateways = owned_gateways(ordered, tenancy.owners)
+        assert gateways[ip] is not None, "a refused claimant cleared the owner's grant"
+        assert gateways[ip] == next(a.gateway for a in results[0].assignments)
