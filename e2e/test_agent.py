@@ -397,6 +397,40 @@ def test_edits_take_effect(world: dict[str, Any]) -> None:
     eventually_source(lab, pod, EIP_FE)
 
 
+def test_a_flow_begun_before_selection_moves_to_the_egress_ip(world: dict[str, Any]) -> None:
+    """NAT is decided on a connection's first packet: a flow the pod began while
+    unselected was masqueraded, and without the guard and the conntrack repair it
+    kept the node's address for as long as it lasted, even once steered."""
+    lab: Lab = world["lab"]
+    pod = world["plain"]["node-1"]
+    proc = probe(pod, duration=8.0)  # one UDP socket: one flow for the whole run
+    try:
+        time.sleep(2.0)
+        egress(
+            lab,
+            "late",
+            {
+                "egressip": EIP_NEW,
+                "pod-selector": {"matchLabels": {"app": "plain"}},
+                "cidr": f"{SERVER}/32",
+            },
+        )
+        set_gateways(lab, "late", {EIP_NEW: "node-2"})
+        res = probe_result(proc)
+    finally:
+        lab.kubectl("delete", "staticegressip", "late", "--ignore-not-found")
+    sources = res["sources"]
+    print(
+        f"\nflow begun before selection ({lab.cni}): replies by source {sources}, "
+        f"{res['lost']} of {res['sent']} lost"
+    )
+    assert set(sources) <= {NODE_IP["node-1"], EIP_NEW}, sources
+    # About 2 s from the node before the object, then the egress IP: the same
+    # flow, so this needs its masquerade forgotten.
+    assert sources.get(EIP_NEW, 0) >= res["sent"] * 0.4, sources
+    eventually_source(lab, pod, NODE_IP["node-1"])
+
+
 # --------------------------------------------------- bad and hostile objects
 
 

@@ -73,7 +73,7 @@ from staticegress.dataplane.cnigate import (
     uninstall,
     write_ready,
 )
-from staticegress.dataplane.conntrack import flush_pods
+from staticegress.dataplane.conntrack import flush_misnated, flush_pods
 from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.dataplane.host import (
@@ -198,8 +198,13 @@ class Agent:
         netlink: NetlinkPort | None = None,
         announcer: Callable[[IPv4Address], Coroutine[Any, Any, None]] | None = None,
         flusher: Callable[[list[IPv4Address], list[IPv4Network]], Awaitable[int]] | None = None,
+        repairer: Callable[
+            [list[IPv4Address], list[IPv4Address], list[IPv4Network]], Awaitable[int]
+        ]
+        | None = None,
     ) -> None:
-        """`nft`, `netlink`, `announcer` and `flusher` stand in for the kernel in tests."""
+        """`nft`, `netlink`, `announcer`, `flusher` and `repairer` stand in for the
+        kernel in tests."""
         self.api = api
         self.opts = opts
         self.node = NodeName(opts.node)
@@ -244,12 +249,19 @@ class Agent:
         # moment one of our tables is removed or changed behind our back.
         self.nft: NftPort = nft or WatchedNftApplier(
             self.netns_runner,
-            on_drift=lambda: self.runner.poke(force=True),
+            on_drift=self._table_lost,
             on_restored=self._nft_restored,
         )
         self.netlink: NetlinkPort = netlink or NetlinkApplier(netns=opts.netns)
         self._announce = announcer or self._garp
         self._flush = flusher or self._flush_conntrack
+        self._repair = repairer or self._repair_conntrack
+        self._repair_all = True
+        """Look for misNATed connections of every steered pod after the next
+        applied sync: at start (the previous agent's view is unknown) and after
+        our table was lost (connections made meanwhile were masqueraded)."""
+        self._local_seen: frozenset[IPv4Address] = frozenset()
+        """This node's pod IPs as of the previous sync, selected or not."""
         self.events = EventRecorder(api, component="staticegress-agent", host=opts.node)
         self.metrics = Registry()
         for name, kind, help in (
@@ -266,6 +278,12 @@ class Agent:
                 "Times this node began to withhold egress IPs it is named for.",
             ),
             ("fenced", "gauge", "1 while this node withholds its egress IPs."),
+            (
+                "misnated_connections_deleted_total",
+                "counter",
+                "Connections of selected pods deleted because NAT had given them an "
+                "address other than an egress IP (they began before the pod was steered).",
+            ),
             ("nft_restores_total", "counter", "Our nftables tables restored after outside edits."),
             (
                 "nft_last_restore_seconds",
@@ -478,7 +496,11 @@ class Agent:
         self.last_compute_seconds = time.perf_counter() - start
         self.metrics.inc("syncs_total")
         await self._report(desired, invalid, {p.ref: p.uid for p in snap.policies})
+        local = frozenset(
+            p.ip for p in snap.pods if p.node == self.node and p.ip and not p.host_network
+        )
         if desired == self.applied and not force:
+            self._local_seen = local
             self._record(desired, start)
             return
         routing = RoutingConfig(
@@ -518,6 +540,8 @@ class Agent:
             task.add_done_callback(self._announcing.discard)
             log.info("node=%s took egress IP %s; announcing it", self.node, ip)
         await self._forget_moved_flows(desired)
+        await self._repair_misnated(desired)
+        self._local_seen = local
         self.slots = {g.node: g.slot for g in desired.gateways}
         if errors:
             self.metrics.inc("sync_errors_total")
@@ -537,6 +561,55 @@ class Agent:
 
     async def _flush_conntrack(self, pods: list[IPv4Address], keep: list[IPv4Network]) -> int:
         return await self.netns_runner.run(lambda: flush_pods(pods, keep))
+
+    async def _repair_conntrack(
+        self, pods: list[IPv4Address], allowed: list[IPv4Address], keep: list[IPv4Network]
+    ) -> int:
+        return await self.netns_runner.run(lambda: flush_misnated(pods, allowed, keep))
+
+    def _table_lost(self) -> None:
+        self._repair_all = True
+        self.runner.poke(force=True)
+
+    @staticmethod
+    def _steered(desired: DesiredState | None) -> frozenset[IPv4Address]:
+        """Pods whose matching traffic leaves through an egress IP (not dropped)."""
+        if desired is None:
+            return frozenset()
+        return frozenset(ip for r in desired.rules for ip, t in r.steer if t != "drop") | frozenset(
+            ip for r in desired.rules for ip, _ in r.snat
+        )
+
+    async def _repair_misnated(self, desired: DesiredState) -> None:
+        """Delete the connections a steered pod began before it was steered: they
+        kept the CNI's masquerade, which the table's guard now drops on every
+        packet, so they would stall. After the first sync and after our table was
+        lost, every steered pod is checked; otherwise only the pods that were
+        already known here, unsteered, and are steered now (a brand-new pod's
+        packets were held, so it has no such connection). One conntrack dump."""
+        steered = self._steered(desired)
+        if self._repair_all:
+            pods = steered
+        else:
+            pods = (steered - self._steered(self.applied)) & self._local_seen
+        self._repair_all = False
+        if not pods:
+            return
+        try:
+            removed = await self._repair(
+                sorted(pods), list(desired.egress_ips), list(desired.cluster)
+            )
+        except Exception as exc:  # the guard keeps dropping them: never fail the sync
+            log.warning("node=%s cannot delete misNATed connections: %s", self.node, exc)
+            return
+        if removed:
+            self.metrics.inc("misnated_connections_deleted_total", removed)
+            log.warning(
+                "node=%s deleted %d connections of newly steered pods that had been "
+                "masqueraded (they began before the pods were steered)",
+                self.node,
+                removed,
+            )
 
     async def _garp(self, ip: IPv4Address) -> None:
         assert self.uplink is not None

@@ -7,12 +7,17 @@ binding (an identity SNAT where a real SNAT is now needed, or the reverse)
 and stall. Deleting the pod's entries towards non-cluster addresses makes
 the next packet take the new path; TCP flows resume (conntrack picks up
 mid-stream connections), UDP flows simply start anew.
+
+The same holds for a connection a pod began before it was steered at all
+(known and not selected yet, or while our table was briefly gone): it kept
+the CNI's masquerade, which the table's guard chain now drops on every
+packet. `flush_misnated` deletes exactly those, so they start anew steered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from ipaddress import IPv4Address, IPv4Network, ip_address
 
 from pyroute2 import conntrack
@@ -41,6 +46,49 @@ def flush_pods(pods: Iterable[IPv4Address], keep: Iterable[IPv4Network]) -> int:
                     removed += 1
                 except Exception as exc:  # gone already, or refused: the flow times out
                     log.debug("conntrack delete for %s failed: %s", pod, exc)
+    finally:
+        ct.close()
+    return removed
+
+
+IPS_SRC_NAT = 1 << 4
+"""conntrack's status bit for a connection whose source NAT changed its address
+(an identity SNAT leaves it clear)."""
+
+
+def flush_misnated(
+    pods: Collection[IPv4Address], allowed: Collection[IPv4Address], keep: Iterable[IPv4Network]
+) -> int:
+    """Delete the connections of `pods`, towards any address outside `keep`,
+    whose source NAT rewrote the pod's address to one not in `allowed` (the
+    egress IPs): the masquerade a connection got before its pod was steered.
+    One dump of the whole table, whatever the number of pods; return how many
+    were deleted. Blocking: run it on the agent's netns thread."""
+    if not pods:
+        return 0
+    keep = list(keep)
+    wanted = {str(p) for p in pods}
+    ok = {str(a) for a in allowed}
+    removed = 0
+    ct = conntrack.Conntrack()
+    try:
+        for entry in list(ct.dump_entries()):
+            try:
+                src = entry.tuple_orig.saddr
+                if src not in wanted or not int(entry.status or 0) & IPS_SRC_NAT:
+                    continue
+                if entry.tuple_reply.daddr in ok:
+                    continue
+                dst = ip_address(entry.tuple_orig.daddr)
+            except (AttributeError, TypeError, ValueError):
+                continue
+            if any(dst in net for net in keep):
+                continue
+            try:
+                ct.delete(entry)
+                removed += 1
+            except Exception as exc:  # gone already, or refused: the guard keeps dropping it
+                log.debug("conntrack delete for %s failed: %s", src, exc)
     finally:
         ct.close()
     return removed

@@ -41,6 +41,14 @@ The table, as nft prints it (rule K stands for each rule in global order):
         ip saddr @remote_pod_ranges ip daddr @steered_destinations
           ip daddr != @cluster_ranges drop   # a remote pod too new to know: never masquerade
       }
+      set egress_ips            { type ipv4_addr }  # every listed egress IP
+      chain guard {                       # after every SNAT and MASQUERADE (srcnat + 10)
+        type filter hook postrouting priority srcnat + 10; policy accept;
+        ct direction original ct status snat ct original ip saddr @ruleK_steer
+          ct original ip daddr @ruleK_destinations ... ip saddr != @egress_ips drop
+        ct direction original ct status snat ct original ip saddr @remote_selected_pods
+          ct original ip daddr != @cluster_ranges ip saddr != @egress_ips drop
+      }
     }
 
 Why each piece:
@@ -52,6 +60,15 @@ Why each piece:
 - the guards make a gateway that is not (or no longer) responsible for a pod
   drop its traffic instead of forwarding it, where the CNI's masquerade would
   send it out with this node's IP.
+- nat chains only see a connection's first packet: a connection that began
+  before its pod was selected (the pod was known and not selected yet, the
+  object came later, our table was briefly gone) keeps the masquerade it got
+  then, and would go on leaving with the node's IP even once steered. The
+  `guard` chain looks at what NAT did, on every packet: a selected pod's
+  connection whose source was rewritten to anything but an egress IP is
+  dropped (an identity SNAT rewrites nothing, so steered traffic passes). The
+  agent then deletes such connections (dataplane.conntrack), so they start
+  anew on the right path.
 """
 
 from __future__ import annotations
@@ -376,6 +393,7 @@ def render_ruleset(
                 comment="a remote selected pod this node does not SNAT",
             )
         )
+    cmds += _guard(desired)
     if desired.remote_pod_ranges and desired.steered_destinations:
         cmds += [
             _range_set("remote_pod_ranges", "other nodes' pod ranges", desired.remote_pod_ranges),
@@ -393,6 +411,59 @@ def render_ruleset(
             ),
         ]
     return {"nftables": cmds}
+
+
+def _ct(key: str) -> Json:
+    return {"ct": {"key": key, "dir": "original"}}
+
+
+def _guard(desired: DesiredState) -> list[Json]:
+    """The `guard` chain: drop a selected pod's connection that NAT sent out with
+    an address other than an egress IP (see the module's docstring)."""
+    steered = [(k, r) for k, r in enumerate(desired.rules) if r.steer]
+    if not steered and not desired.remote_pods:
+        return []
+    nated = [
+        {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}},
+        {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "snat"}},
+    ]
+    not_ours = _in_set("saddr", "egress_ips", negate=True)
+    out = [
+        _addr_set("egress_ips", "every listed egress IP", desired.egress_ips),
+        _chain("guard", type="filter", hook="postrouting", prio=110, policy="accept"),
+    ]
+    for k, rule in steered:
+        dest = [
+            {"match": {"op": "==", "left": _ct("ip daddr"), "right": f"@rule{k}_destinations"}},
+            {"match": {"op": "!=", "left": _ct("ip daddr"), "right": "@cluster_ranges"}},
+        ]
+        if rule.excluded:
+            dest.append(
+                {"match": {"op": "!=", "left": _ct("ip daddr"), "right": f"@rule{k}_excluded"}}
+            )
+        out.append(
+            _drop_rule(
+                "guard",
+                *nated,
+                {"match": {"op": "==", "left": _ct("ip saddr"), "right": f"@rule{k}_steer"}},
+                *dest,
+                not_ours,
+                comment=f"{rule.ref} rule {rule.index}: a selected pod's connection NATed "
+                "before it was steered",
+            )
+        )
+    if desired.remote_pods:
+        out.append(
+            _drop_rule(
+                "guard",
+                *nated,
+                {"match": {"op": "==", "left": _ct("ip saddr"), "right": "@remote_selected_pods"}},
+                {"match": {"op": "!=", "left": _ct("ip daddr"), "right": "@cluster_ranges"}},
+                not_ours,
+                comment="a remote selected pod's connection NATed to another address",
+            )
+        )
+    return out
 
 
 def delete_table_batch() -> Json:

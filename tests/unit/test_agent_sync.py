@@ -101,6 +101,7 @@ class Clock:
 
 
 FLUSHED: list[list[IPv4Address]] = []
+REPAIRED: list[list[IPv4Address]] = []
 
 
 def make_agent(ownership: str = "grants", **options: Any) -> tuple[Agent, FakeNft, FakeNetlink]:
@@ -115,6 +116,11 @@ def make_agent(ownership: str = "grants", **options: Any) -> tuple[Agent, FakeNf
         FLUSHED.append(pods)
         return len(pods)
 
+    async def repair(pods: list[IPv4Address], allowed: list[IPv4Address], keep: list[Any]) -> int:
+        assert X in allowed
+        REPAIRED.append(pods)
+        return len(pods)
+
     opts = AgentOptions(
         node="node-1",
         transport="direct",
@@ -124,7 +130,13 @@ def make_agent(ownership: str = "grants", **options: Any) -> tuple[Agent, FakeNf
         **options,
     )
     agent = Agent(
-        client.ApiClient(), opts, nft=nft, netlink=netlink, announcer=announce, flusher=flush
+        client.ApiClient(),
+        opts,
+        nft=nft,
+        netlink=netlink,
+        announcer=announce,
+        flusher=flush,
+        repairer=repair,
     )
     stores = {
         "nodes": {f"node-{i}": node(i) for i in (1, 2, 3)},
@@ -281,4 +293,43 @@ async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() 
     await agent.sync(False)
     assert dict(agent.applied.rules[0].steer)[pod_ip] == "local"
     assert [[pod_ip]] == FLUSHED
+    await agent.api.close()
+
+
+async def test_misnated_connections_are_looked_for_only_when_a_known_pod_becomes_steered() -> None:
+    """A pod known here and unselected had its connections masqueraded; once it is
+    steered they must be deleted (the guard drops them). A brand-new pod was held,
+    so it has none: no conntrack dump for it."""
+    agent, _, _ = make_agent("status-only")
+    pods = agent.reflectors["pods"].store
+    REPAIRED.clear()
+    await agent.sync(True)
+    # At start every steered pod is checked: local ones and those SNATed here.
+    assert [[ip_address(f"10.244.{i}.5") for i in (1, 2, 3)]] == REPAIRED
+
+    plain = pod(1)
+    plain["metadata"] = {"namespace": "default", "name": "plain", "labels": {"app": "plain"}}
+    plain["status"]["podIP"] = "10.244.1.9"
+    plain["status"]["podIPs"] = [{"ip": "10.244.1.9"}]
+    pods["default/plain"] = plain
+    await agent.sync(False)
+    assert len(REPAIRED) == 1  # unselected: nothing to repair
+
+    selected = json.loads(json.dumps(plain))
+    selected["metadata"]["labels"] = {"app": "client"}
+    pods["default/plain"] = selected
+    fresh = json.loads(json.dumps(selected))
+    fresh["metadata"]["name"] = "fresh"
+    fresh["status"]["podIP"] = "10.244.1.10"
+    fresh["status"]["podIPs"] = [{"ip": "10.244.1.10"}]
+    pods["default/fresh"] = fresh
+    await agent.sync(False)
+    assert REPAIRED[1:] == [[ip_address("10.244.1.9")]]
+
+    # Our table lost: everything steered is checked again on the next sync.
+    agent._table_lost()
+    await agent.sync(True)
+    assert len(REPAIRED[2]) == 5
+    await agent.sync(True)
+    assert len(REPAIRED) == 3
     await agent.api.close()
