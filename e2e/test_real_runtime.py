@@ -400,7 +400,8 @@ def _reboot_and_count_sources(lab: Lab, node: str, image: str, cni: str) -> None
     # seconds and stalls the capture, which would hide everything after the reboot.
     with tempfile.TemporaryFile("w+") as capture:
         cap = subprocess.Popen(
-            ["ip", "netns", "exec", plan.NS_EXTERNAL, "tcpdump", "-l", "-n", "-tt", "-A",
+            # -p: what the server receives, not frames the underlay floods past it.
+            ["ip", "netns", "exec", plan.NS_EXTERNAL, "tcpdump", "-p", "-l", "-n", "-tt", "-A",
              "-i", "eth0", f"udp and dst host {SERVER} and dst port 9000"],
             stdout=capture, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip

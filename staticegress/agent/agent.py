@@ -582,7 +582,7 @@ class Agent:
 
     async def _repair_misnated(self, desired: DesiredState) -> None:
         """Delete the connections a steered pod began before it was steered: they
-        kept the CNI's masquerade, which the table's guard now drops on every
+        kept the CNI's masquerade, which the guard table now drops on every
         packet, so they would stall. After the first sync and after our table was
         lost, every steered pod is checked; otherwise only the pods that were
         already known here, unsteered, and are steered now (a brand-new pod's

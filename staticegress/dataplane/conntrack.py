@@ -10,14 +10,14 @@ mid-stream connections), UDP flows simply start anew.
 
 The same holds for a connection a pod began before it was steered at all
 (known and not selected yet, or while our table was briefly gone): it kept
-the CNI's masquerade, which the table's guard chain now drops on every
+the CNI's masquerade, which the guard table now drops on every
 packet. `flush_misnated` deletes exactly those, so they start anew steered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from ipaddress import IPv4Address, IPv4Network, ip_address
 
 from pyroute2 import conntrack
@@ -25,30 +25,48 @@ from pyroute2 import conntrack
 log = logging.getLogger(__name__)
 
 
+def _delete(
+    ct: conntrack.Conntrack,
+    entries: Iterable[conntrack.ConntrackEntry],
+    keep: list[IPv4Network],
+    wanted: Callable[[conntrack.ConntrackEntry], bool],
+) -> int:
+    """Delete the `wanted` entries towards any address outside `keep`; how many."""
+    removed = 0
+    for entry in list(entries):
+        try:
+            if not wanted(entry):
+                continue
+            dst = ip_address(entry.tuple_orig.daddr)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if any(dst in net for net in keep):
+            continue
+        try:
+            ct.delete(entry)
+            removed += 1
+        except Exception as exc:  # gone already, or refused: it times out (or stays dropped)
+            log.debug("conntrack delete for %s failed: %s", entry.tuple_orig.saddr, exc)
+    return removed
+
+
 def flush_pods(pods: Iterable[IPv4Address], keep: Iterable[IPv4Network]) -> int:
     """Delete conntrack entries from `pods` to any address outside `keep`; return how many.
     Blocking: run it on the agent's netns thread."""
-    keep = list(keep)
-    removed = 0
+    nets = list(keep)
     ct = conntrack.Conntrack()
     try:
-        for pod in pods:
-            wanted = conntrack.NFCTAttrTuple(saddr=str(pod))
-            for entry in list(ct.dump_entries(tuple_orig=wanted)):
-                try:
-                    dst = ip_address(entry.tuple_orig.daddr)
-                except (AttributeError, ValueError):
-                    continue
-                if any(dst in net for net in keep):
-                    continue
-                try:
-                    ct.delete(entry)
-                    removed += 1
-                except Exception as exc:  # gone already, or refused: the flow times out
-                    log.debug("conntrack delete for %s failed: %s", pod, exc)
+        return sum(
+            _delete(
+                ct,
+                ct.dump_entries(tuple_orig=conntrack.NFCTAttrTuple(saddr=str(pod))),
+                nets,
+                lambda _: True,
+            )
+            for pod in pods
+        )
     finally:
         ct.close()
-    return removed
 
 
 IPS_SRC_NAT = 1 << 4
@@ -66,29 +84,22 @@ def flush_misnated(
     were deleted. Blocking: run it on the agent's netns thread."""
     if not pods:
         return 0
-    keep = list(keep)
-    wanted = {str(p) for p in pods}
+    srcs = {str(p) for p in pods}
     ok = {str(a) for a in allowed}
-    removed = 0
+
+    def misnated(entry: conntrack.ConntrackEntry) -> bool:
+        # An identity SNAT that had to remap the port also sets the status bit:
+        # its address is still the pod's own, and that connection is steered.
+        src = entry.tuple_orig.saddr
+        return (
+            src in srcs
+            and bool(int(entry.status or 0) & IPS_SRC_NAT)
+            and entry.tuple_reply.daddr not in ok
+            and entry.tuple_reply.daddr != src
+        )
+
     ct = conntrack.Conntrack()
     try:
-        for entry in list(ct.dump_entries()):
-            try:
-                src = entry.tuple_orig.saddr
-                if src not in wanted or not int(entry.status or 0) & IPS_SRC_NAT:
-                    continue
-                if entry.tuple_reply.daddr in ok:
-                    continue
-                dst = ip_address(entry.tuple_orig.daddr)
-            except (AttributeError, TypeError, ValueError):
-                continue
-            if any(dst in net for net in keep):
-                continue
-            try:
-                ct.delete(entry)
-                removed += 1
-            except Exception as exc:  # gone already, or refused: the guard keeps dropping it
-                log.debug("conntrack delete for %s failed: %s", src, exc)
+        return _delete(ct, ct.dump_entries(), list(keep), misnated)
     finally:
         ct.close()
-    return removed

@@ -283,7 +283,7 @@ def _live_claims(pods: Iterable[Pod]) -> list[Pod]:
     return sorted(out)
 
 
-def _subtract(nets: Iterable[IPv4Network], excluded: Iterable[IPv4Network]) -> list[IPv4Network]:
+def subtract(nets: Iterable[IPv4Network], excluded: Iterable[IPv4Network]) -> list[IPv4Network]:
     """`nets` without the addresses of `excluded`."""
     out = list(collapse_addresses(nets))
     for ex in collapse_addresses(excluded):
@@ -533,14 +533,14 @@ def compute_desired(
                 local_ranges=local_ranges,
                 known=known,
             ):
-                held += _subtract(
+                held += subtract(
                     (n for n in rule.destinations if isinstance(n, IPv4Network)),
                     (n for n in rule.excluded if isinstance(n, IPv4Network)),
                 )
     steerable: list[IPv4Network] = []
     for pol in policies:
         for rule in pol.spec.rules:
-            steerable += _subtract(
+            steerable += subtract(
                 (n for n in rule.destinations if isinstance(n, IPv4Network)),
                 (n for n in rule.excluded if isinstance(n, IPv4Network)),
             )

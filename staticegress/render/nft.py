@@ -1,10 +1,12 @@
-"""render_ruleset: a DesiredState as one private nftables table, in libnftables JSON. Pure.
+"""render_ruleset: a DesiredState as our private nftables table and its guard table,
+in libnftables JSON. Pure.
 
-The batch deletes and recreates `table ip staticegress` in one transaction
-(add, delete, add, contents): no packet ever sees a half-built table, and a
-batch the kernel refuses leaves the previous table untouched. The table
-grows with rules and gateways, never with the product of pods and rules: pods
-are elements of per-rule maps.
+The batch deletes and recreates `table ip staticegress` (and
+`staticegress_guard`) in one transaction (add, delete, add, contents): no
+packet ever sees a half-built table, and a batch the kernel refuses leaves the
+previous tables untouched. The rules grow with rules and gateways, never with
+pods: pods are elements of per-rule maps (and, in the guard, of one set of
+pod . destination pieces).
 
 The table, as nft prints it (rule K stands for each rule in global order):
 
@@ -41,13 +43,18 @@ The table, as nft prints it (rule K stands for each rule in global order):
         ip saddr @remote_pod_ranges ip daddr @steered_destinations
           ip daddr != @cluster_ranges drop   # a remote pod too new to know: never masquerade
       }
-      set egress_ips            { type ipv4_addr }  # every listed egress IP
+    }
+
+    table ip staticegress_guard {         # its own table: it outlives ours being removed
+      set egress_ips            { type ipv4_addr }
+      set cluster_ranges        { type ipv4_addr; flags interval }
+      set pods                  { type ipv4_addr }  # every pod steered or SNATed here
+      set pod_destinations      { type ipv4_addr . ipv4_addr; flags interval }
       chain guard {                       # after every SNAT and MASQUERADE (srcnat + 10)
         type filter hook postrouting priority srcnat + 10; policy accept;
-        ct direction original ct status snat ct original ip saddr @ruleK_steer
-          ct original ip daddr @ruleK_destinations ... ip saddr != @egress_ips drop
-        ct direction original ct status snat ct original ip saddr @remote_selected_pods
-          ct original ip daddr != @cluster_ranges ip saddr != @egress_ips drop
+        ct direction original ct status snat ip saddr != @egress_ips ip saddr != @pods
+          ct original ip saddr . ct original ip daddr @pod_destinations
+          ct original ip daddr != @cluster_ranges drop
       }
     }
 
@@ -64,23 +71,28 @@ Why each piece:
   before its pod was selected (the pod was known and not selected yet, the
   object came later, our table was briefly gone) keeps the masquerade it got
   then, and would go on leaving with the node's IP even once steered. The
-  `guard` chain looks at what NAT did, on every packet: a selected pod's
-  connection whose source was rewritten to anything but an egress IP is
-  dropped (an identity SNAT rewrites nothing, so steered traffic passes). The
-  agent then deletes such connections (dataplane.conntrack), so they start
-  anew on the right path.
+  guard looks at what NAT did, on every packet: a selected pod's connection
+  whose source was rewritten to anything but an egress IP, towards a
+  destination a rule steers it for, is dropped (an identity SNAT rewrites
+  nothing, so steered traffic passes). The agent then deletes such
+  connections (dataplane.conntrack), so they start anew on the right path.
+  The guard is a table of its own, applied in the same transaction: while
+  ours is gone (removed behind our back, until the agent restores it), the
+  CNI masquerades the selected pods' new connections, and the guard drops
+  them. Its cost per packet is one line, whatever the number of rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
-from staticegress.model.desired import DesiredState, RuleProgram, Steer
+from staticegress.model.desired import DesiredState, RuleProgram, Steer, subtract
 
 TABLE = "staticegress"
+GUARD_TABLE = "staticegress_guard"
 FAMILY = "ip"
 TUNNEL = "segress0"
 
@@ -204,7 +216,7 @@ def _dest_matches(k: int, rule: RuleProgram) -> list[Json]:
 def render_ruleset(
     desired: DesiredState, *, transport: str, marks: MarkLayout = DEFAULT_MARKS
 ) -> Json:
-    """The whole table as one libnftables JSON batch."""
+    """Our table and the guard table as one libnftables JSON batch."""
     table = {"family": FAMILY, "name": TABLE}
     cmds: list[Json] = [
         {"metainfo": {"json_schema_version": 1}},
@@ -393,7 +405,7 @@ def render_ruleset(
                 comment="a remote selected pod this node does not SNAT",
             )
         )
-    cmds += _guard(desired)
+    cmds += render_guard(desired)
     if desired.remote_pod_ranges and desired.steered_destinations:
         cmds += [
             _range_set("remote_pod_ranges", "other nodes' pod ranges", desired.remote_pod_ranges),
@@ -417,59 +429,119 @@ def _ct(key: str) -> Json:
     return {"ct": {"key": key, "dir": "original"}}
 
 
-def _guard(desired: DesiredState) -> list[Json]:
-    """The `guard` chain: drop a selected pod's connection that NAT sent out with
-    an address other than an egress IP (see the module's docstring)."""
-    steered = [(k, r) for k, r in enumerate(desired.rules) if r.steer]
-    if not steered and not desired.remote_pods:
-        return []
-    nated = [
-        {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}},
-        {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "snat"}},
+def _guarded(desired: DesiredState) -> dict[IPv4Address, list[IPv4Network]]:
+    """Pod -> the destinations its traffic must not leave for with another
+    address: every rule that steers or SNATs it, less that rule's exclusions,
+    collapsed (so a pod's pieces never overlap). The cluster's ranges are
+    matched apart, so that `0.0.0.0/0` stays one piece per pod."""
+    out: dict[IPv4Address, list[IPv4Network]] = {}
+    for rule in desired.rules:
+        pods = {ip for ip, _ in rule.steer} | {ip for ip, _ in rule.snat}
+        if not pods:
+            continue
+        pieces = subtract(rule.destinations, rule.excluded)
+        for ip in pods:
+            out.setdefault(ip, []).extend(pieces)
+    return {ip: list(collapse_addresses(nets)) for ip, nets in sorted(out.items()) if nets}
+
+
+def render_guard(desired: DesiredState) -> list[Json]:
+    """The guard table, in its own table so that it survives ours being removed
+    (see the module's docstring): a selected pod's connection whose source NAT
+    chose an address other than an egress IP, towards a destination a rule
+    steers it for, is dropped on every packet. Replaced whole, like ours."""
+    table = {"family": FAMILY, "name": GUARD_TABLE}
+    cmds: list[Json] = [{"add": {"table": table}}, {"delete": {"table": table}}]
+    guarded = _guarded(desired)
+    if not guarded:
+        return cmds
+
+    def add(kind: str, body: Json) -> Json:
+        return {"add": {kind: {"family": FAMILY, "table": GUARD_TABLE, **body}}}
+
+    def match(left: Json, right: Any, op: str = "==") -> Json:
+        return {"match": {"op": op, "left": left, "right": right}}
+
+    cmds += [
+        {"add": {"table": {**table, "comment": "staticegress: owned by the staticegress agent"}}},
+        add(
+            "set",
+            {
+                "name": "egress_ips",
+                "type": "ipv4_addr",
+                "comment": "every listed egress IP",
+                **({"elem": [str(a) for a in desired.egress_ips]} if desired.egress_ips else {}),
+            },
+        ),
+        add(
+            "set",
+            {
+                "name": "cluster_ranges",
+                "type": "ipv4_addr",
+                "flags": ["interval"],
+                "comment": "never steered",
+                **({"elem": [_elem(n) for n in desired.cluster]} if desired.cluster else {}),
+            },
+        ),
+        add(
+            "set",
+            {
+                "name": "pods",
+                "type": "ipv4_addr",
+                "comment": "every pod this node steers or SNATs",
+                "elem": [str(ip) for ip in guarded],
+            },
+        ),
+        add(
+            "set",
+            {
+                "name": "pod_destinations",
+                "type": ["ipv4_addr", "ipv4_addr"],
+                "flags": ["interval"],
+                "comment": "pod . where a rule steers it",
+                "elem": [{"concat": [str(ip), _elem(n)]} for ip, ns in guarded.items() for n in ns],
+            },
+        ),
+        add(
+            "chain",
+            {
+                "name": "guard",
+                "type": "filter",
+                "hook": "postrouting",
+                "prio": 110,
+                "policy": "accept",
+            },
+        ),
+        add(
+            "rule",
+            {
+                "chain": "guard",
+                "comment": "a selected pod's connection NATed to another address",
+                "expr": [
+                    match({"ct": {"key": "direction"}}, "original"),
+                    match({"ct": {"key": "status"}}, "snat", op="in"),
+                    match(_field("saddr"), "@egress_ips", op="!="),
+                    # An identity SNAT that had to remap a port sets the status
+                    # too; its address is still the pod's own.
+                    match(_field("saddr"), "@pods", op="!="),
+                    match({"concat": [_ct("ip saddr"), _ct("ip daddr")]}, "@pod_destinations"),
+                    match(_ct("ip daddr"), "@cluster_ranges", op="!="),
+                    {"counter": None},
+                    {"drop": None},
+                ],
+            },
+        ),
     ]
-    not_ours = _in_set("saddr", "egress_ips", negate=True)
-    out = [
-        _addr_set("egress_ips", "every listed egress IP", desired.egress_ips),
-        _chain("guard", type="filter", hook="postrouting", prio=110, policy="accept"),
-    ]
-    for k, rule in steered:
-        dest = [
-            {"match": {"op": "==", "left": _ct("ip daddr"), "right": f"@rule{k}_destinations"}},
-            {"match": {"op": "!=", "left": _ct("ip daddr"), "right": "@cluster_ranges"}},
-        ]
-        if rule.excluded:
-            dest.append(
-                {"match": {"op": "!=", "left": _ct("ip daddr"), "right": f"@rule{k}_excluded"}}
-            )
-        out.append(
-            _drop_rule(
-                "guard",
-                *nated,
-                {"match": {"op": "==", "left": _ct("ip saddr"), "right": f"@rule{k}_steer"}},
-                *dest,
-                not_ours,
-                comment=f"{rule.ref} rule {rule.index}: a selected pod's connection NATed "
-                "before it was steered",
-            )
-        )
-    if desired.remote_pods:
-        out.append(
-            _drop_rule(
-                "guard",
-                *nated,
-                {"match": {"op": "==", "left": _ct("ip saddr"), "right": "@remote_selected_pods"}},
-                {"match": {"op": "!=", "left": _ct("ip daddr"), "right": "@cluster_ranges"}},
-                not_ours,
-                comment="a remote selected pod's connection NATed to another address",
-            )
-        )
-    return out
+    return cmds
 
 
 def delete_table_batch() -> Json:
-    """Remove our table, whether or not it exists."""
-    table = {"family": FAMILY, "name": TABLE}
-    return {"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]}
+    """Remove our tables, whether or not they exist."""
+    cmds: list[Json] = []
+    for name in (TABLE, GUARD_TABLE):
+        table = {"family": FAMILY, "name": name}
+        cmds += [{"add": {"table": table}}, {"delete": {"table": table}}]
+    return {"nftables": cmds}
 
 
 def vtep_mac(ip: IPv4Address) -> str:

@@ -57,7 +57,10 @@ def _desired(node: str, transport: str) -> DesiredState:
 
 
 def _list(ns: str) -> str:
-    return _sh("ip", "netns", "exec", ns, "nft", "list", "table", "ip", "staticegress")
+    return "".join(
+        _sh("ip", "netns", "exec", ns, "nft", "list", "table", "ip", name)
+        for name in ("staticegress", "staticegress_guard")
+    )
 
 
 def _routing(ns: str) -> str:

@@ -120,7 +120,11 @@ async def _until(what: str, check: Callable[[], object], seconds: float = 2.0) -
 
 async def test_the_batch_defines_the_owned_tables(netns: str) -> None:
     async with _started(_Agent(netns)) as agent:
-        assert agent.nft.owned_tables == [("arp", "staticegress_test_arp"), ("ip", "staticegress")]
+        assert agent.nft.owned_tables == [
+            ("arp", "staticegress_test_arp"),
+            ("ip", "staticegress"),
+            ("ip", "staticegress_guard"),
+        ]
         assert agent.drifts == [], "our own batches must not look like drift"
 
 

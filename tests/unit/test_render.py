@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address
 
 import pytest
 
 from staticegress.model.desired import DesiredState, compute_desired
 from staticegress.render.netlink import RoutingConfig, render_netlink
-from staticegress.render.nft import MarkLayout, render_ruleset, vtep_mac
+from staticegress.render.nft import GUARD_TABLE, MarkLayout, render_ruleset, vtep_mac
 from tests import scenario
 
 
@@ -113,3 +114,36 @@ def test_routing_spec_per_transport() -> None:
     assert vx.tunnel.mtu == 1450
     # The outer packets to the gateway must bypass the steering table.
     assert any(r.table == 254 and str(r.dst) == "198.51.100.12/32" for r in vx.rules)
+
+
+def test_the_guard_is_one_line_in_its_own_table_with_each_pods_own_destinations() -> None:
+    """The guard outlives our table (its own table), costs one line per packet
+    whatever the number of rules, and keys each pod to the destinations its own
+    rules steer it for: a pod selected for one rule may still be masqueraded
+    towards another rule's destinations."""
+    desired = _desired()
+    cmds = render_ruleset(desired, transport="direct")["nftables"]
+    guard = [
+        c["add"]
+        for c in cmds
+        if c.get("add", {}).get(next(iter(c.get("add", {})), ""), {}).get("table") == GUARD_TABLE
+    ]
+    rules = [g["rule"] for g in guard if "rule" in g]
+    assert len(rules) == 1
+    assert rules[0]["expr"][-1] == {"drop": None}
+    elems = next(
+        g["set"]["elem"] for g in guard if g.get("set", {}).get("name") == "pod_destinations"
+    )
+    pairs = {(e["concat"][0], json.dumps(e["concat"][1])) for e in elems}
+    steered = {str(ip) for r in desired.rules for ip, _ in [*r.steer, *r.snat]}
+    assert {p for p, _ in pairs} == steered
+    assert len(pairs) == len(elems)  # no pod has overlapping pieces
+
+
+def test_no_guard_without_selected_pods() -> None:
+    cmds = render_ruleset(DesiredState(), transport="direct")["nftables"]
+    added = [c["add"] for c in cmds if "add" in c]
+    assert [a["table"]["name"] for a in added if "table" in a] == [
+        "staticegress", "staticegress", GUARD_TABLE,
+    ]  # fmt: skip
+    assert not [a for a in added if a.get("chain", {}).get("table") == GUARD_TABLE]
