@@ -141,12 +141,20 @@ def _mark_and(mask: int) -> Json:
     return {"&": [{"meta": {"key": "mark"}}, mask]}
 
 
-def _set(name: str, comment: str, elems: list[Any], *, interval: bool) -> Json:
+def _set(
+    name: str,
+    comment: str,
+    elems: list[Any],
+    *,
+    interval: bool,
+    type_: str | list[str] = "ipv4_addr",
+    table: str = TABLE,
+) -> Json:
     body: Json = {
         "family": FAMILY,
-        "table": TABLE,
+        "table": table,
         "name": name,
-        "type": "ipv4_addr",
+        "type": type_,
         "comment": comment[:128],
     }
     if interval:
@@ -156,12 +164,12 @@ def _set(name: str, comment: str, elems: list[Any], *, interval: bool) -> Json:
     return {"add": {"set": body}}
 
 
-def _range_set(name: str, comment: str, nets: Iterable[IPv4Network]) -> Json:
-    return _set(name, comment, [_elem(n) for n in nets], interval=True)
+def _range_set(name: str, comment: str, nets: Iterable[IPv4Network], *, table: str = TABLE) -> Json:
+    return _set(name, comment, [_elem(n) for n in nets], interval=True, table=table)
 
 
-def _addr_set(name: str, comment: str, addrs: Iterable[IPv4Address]) -> Json:
-    return _set(name, comment, [str(a) for a in addrs], interval=False)
+def _addr_set(name: str, comment: str, addrs: Iterable[IPv4Address], *, table: str = TABLE) -> Json:
+    return _set(name, comment, [str(a) for a in addrs], interval=False, table=table)
 
 
 def _map(name: str, comment: str, value_type: str, elems: list[Any]) -> Json:
@@ -178,20 +186,31 @@ def _map(name: str, comment: str, value_type: str, elems: list[Any]) -> Json:
     return {"add": {"map": body}}
 
 
-def _chain(name: str, **hook: Any) -> Json:
-    return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, **hook}}}
+def _chain(name: str, *, table: str = TABLE, **hook: Any) -> Json:
+    return {"add": {"chain": {"family": FAMILY, "table": table, "name": name, **hook}}}
 
 
-def _rule(chain: str, *expr: Json, comment: str | None = None) -> Json:
-    body: Json = {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(expr)}
+def _rule(chain: str, *expr: Json, comment: str | None = None, table: str = TABLE) -> Json:
+    body: Json = {"family": FAMILY, "table": table, "chain": chain, "expr": list(expr)}
     if comment:
         body["comment"] = comment[:128]
     return {"add": {"rule": body}}
 
 
-def _drop_rule(chain: str, *matches: Json, comment: str) -> Json:
+def _drop_rule(chain: str, *matches: Json, comment: str, table: str = TABLE) -> Json:
     """Count and drop what `matches` select: traffic that must not leave unSNATed."""
-    return _rule(chain, *matches, {"counter": None}, {"drop": None}, comment=comment)
+    return _rule(chain, *matches, {"counter": None}, {"drop": None}, comment=comment, table=table)
+
+
+def _replace_table(name: str, *, keep: bool = True) -> list[Json]:
+    """add + delete (+ add): deleting a table that does not exist would fail the
+    batch; adding it first makes the delete always valid. `keep`: add it anew."""
+    table = {"family": FAMILY, "name": name}
+    cmds: list[Json] = [{"add": {"table": table}}, {"delete": {"table": table}}]
+    if keep:
+        comment = "staticegress: owned by the staticegress agent"
+        cmds.append({"add": {"table": {**table, "comment": comment}}})
+    return cmds
 
 
 def _verdict(target: Steer) -> Json:
@@ -217,14 +236,9 @@ def render_ruleset(
     desired: DesiredState, *, transport: str, marks: MarkLayout = DEFAULT_MARKS
 ) -> Json:
     """Our table and the guard table as one libnftables JSON batch."""
-    table = {"family": FAMILY, "name": TABLE}
     cmds: list[Json] = [
         {"metainfo": {"json_schema_version": 1}},
-        # add + delete + add: deleting a table that does not exist would fail
-        # the batch; adding it first makes the delete always valid.
-        {"add": {"table": table}},
-        {"delete": {"table": table}},
-        {"add": {"table": {**table, "comment": "staticegress: owned by the staticegress agent"}}},
+        *_replace_table(TABLE),
         _range_set(
             "cluster_ranges",
             "pod, node and configured cluster ranges: never steered",
@@ -405,7 +419,6 @@ def render_ruleset(
                 comment="a remote selected pod this node does not SNAT",
             )
         )
-    cmds += render_guard(desired)
     if desired.remote_pod_ranges and desired.steered_destinations:
         cmds += [
             _range_set("remote_pod_ranges", "other nodes' pod ranges", desired.remote_pod_ranges),
@@ -422,6 +435,7 @@ def render_ruleset(
                 comment="a remote pod this node does not SNAT, maybe one it does not know yet",
             ),
         ]
+    cmds += render_guard(desired)
     return {"nftables": cmds}
 
 
@@ -450,98 +464,50 @@ def render_guard(desired: DesiredState) -> list[Json]:
     (see the module's docstring): a selected pod's connection whose source NAT
     chose an address other than an egress IP, towards a destination a rule
     steers it for, is dropped on every packet. Replaced whole, like ours."""
-    table = {"family": FAMILY, "name": GUARD_TABLE}
-    cmds: list[Json] = [{"add": {"table": table}}, {"delete": {"table": table}}]
     guarded = _guarded(desired)
     if not guarded:
-        return cmds
-
-    def add(kind: str, body: Json) -> Json:
-        return {"add": {kind: {"family": FAMILY, "table": GUARD_TABLE, **body}}}
-
-    def match(left: Json, right: Any, op: str = "==") -> Json:
-        return {"match": {"op": op, "left": left, "right": right}}
-
-    cmds += [
-        {"add": {"table": {**table, "comment": "staticegress: owned by the staticegress agent"}}},
-        add(
-            "set",
-            {
-                "name": "egress_ips",
-                "type": "ipv4_addr",
-                "comment": "every listed egress IP",
-                **({"elem": [str(a) for a in desired.egress_ips]} if desired.egress_ips else {}),
-            },
+        return _replace_table(GUARD_TABLE, keep=False)
+    g = GUARD_TABLE
+    pieces = [{"concat": [str(ip), _elem(n)]} for ip, nets in guarded.items() for n in nets]
+    return [
+        *_replace_table(g),
+        _addr_set("egress_ips", "every listed egress IP", desired.egress_ips, table=g),
+        _range_set("cluster_ranges", "never steered", desired.cluster, table=g),
+        _addr_set("pods", "every pod this node steers or SNATs", guarded, table=g),
+        _set(
+            "pod_destinations",
+            "pod . where a rule steers it",
+            pieces,
+            interval=True,
+            type_=["ipv4_addr", "ipv4_addr"],
+            table=g,
         ),
-        add(
-            "set",
+        _chain("guard", table=g, type="filter", hook="postrouting", prio=110, policy="accept"),
+        _drop_rule(
+            "guard",
+            {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}},
+            {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "snat"}},
+            _in_set("saddr", "egress_ips", negate=True),
+            # An identity SNAT that had to remap a port sets the status too;
+            # its address is still the pod's own.
+            _in_set("saddr", "pods", negate=True),
             {
-                "name": "cluster_ranges",
-                "type": "ipv4_addr",
-                "flags": ["interval"],
-                "comment": "never steered",
-                **({"elem": [_elem(n) for n in desired.cluster]} if desired.cluster else {}),
+                "match": {
+                    "op": "==",
+                    "left": {"concat": [_ct("ip saddr"), _ct("ip daddr")]},
+                    "right": "@pod_destinations",
+                }
             },
-        ),
-        add(
-            "set",
-            {
-                "name": "pods",
-                "type": "ipv4_addr",
-                "comment": "every pod this node steers or SNATs",
-                "elem": [str(ip) for ip in guarded],
-            },
-        ),
-        add(
-            "set",
-            {
-                "name": "pod_destinations",
-                "type": ["ipv4_addr", "ipv4_addr"],
-                "flags": ["interval"],
-                "comment": "pod . where a rule steers it",
-                "elem": [{"concat": [str(ip), _elem(n)]} for ip, ns in guarded.items() for n in ns],
-            },
-        ),
-        add(
-            "chain",
-            {
-                "name": "guard",
-                "type": "filter",
-                "hook": "postrouting",
-                "prio": 110,
-                "policy": "accept",
-            },
-        ),
-        add(
-            "rule",
-            {
-                "chain": "guard",
-                "comment": "a selected pod's connection NATed to another address",
-                "expr": [
-                    match({"ct": {"key": "direction"}}, "original"),
-                    match({"ct": {"key": "status"}}, "snat", op="in"),
-                    match(_field("saddr"), "@egress_ips", op="!="),
-                    # An identity SNAT that had to remap a port sets the status
-                    # too; its address is still the pod's own.
-                    match(_field("saddr"), "@pods", op="!="),
-                    match({"concat": [_ct("ip saddr"), _ct("ip daddr")]}, "@pod_destinations"),
-                    match(_ct("ip daddr"), "@cluster_ranges", op="!="),
-                    {"counter": None},
-                    {"drop": None},
-                ],
-            },
+            {"match": {"op": "!=", "left": _ct("ip daddr"), "right": "@cluster_ranges"}},
+            comment="a selected pod's connection NATed to another address",
+            table=g,
         ),
     ]
-    return cmds
 
 
 def delete_table_batch() -> Json:
     """Remove our tables, whether or not they exist."""
-    cmds: list[Json] = []
-    for name in (TABLE, GUARD_TABLE):
-        table = {"family": FAMILY, "name": name}
-        cmds += [{"add": {"table": table}}, {"delete": {"table": table}}]
-    return {"nftables": cmds}
+    return {"nftables": [c for t in (TABLE, GUARD_TABLE) for c in _replace_table(t, keep=False)]}
 
 
 def vtep_mac(ip: IPv4Address) -> str:
