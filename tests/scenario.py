@@ -76,3 +76,72 @@ def snapshot(data: dict[str, Any]) -> Snapshot:
 
 def config(data: dict[str, Any], transport: str = "direct") -> AgentConfig:
     return AgentConfig(node=NodeName(data["node"]), transport=transport)  # type: ignore[arg-type]
+
+
+def _policy(name: str, second: int, rules: list[dict[str, Any]], gateway: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "default",
+            "name": name,
+            "creationTimestamp": f"2026-11-01T00:00:{second:02d}Z",
+            "uid": name,
+        },
+        "spec": {"rules": rules},
+        "status": {
+            "egressIPs": [
+                {"egressIP": r["egressip"], "gateway": gateway} for r in rules if "egressip" in r
+            ]
+        },
+    }
+
+
+def overlapping(node: str) -> tuple[Snapshot, AgentConfig]:
+    """app=web on node-1 (10.244.1.2) and on node-3 (10.244.3.2): an older rule
+    via node-2 for 203.0.113.0/24 less .128/25, a younger one here (node-1)
+    for all of 203.0.113.0/24 and 192.0.2.0/24."""
+    data: dict[str, Any] = {
+        "node": node,
+        "nodes": [
+            {"name": f"node-{i}", "ip": f"198.51.100.1{i}", "podCIDR": f"10.244.{i}.0/24"}
+            for i in (1, 2, 3)
+        ],
+        "namespaces": [{"name": "default"}],
+        "pods": [
+            {
+                "namespace": "default",
+                "name": f"web-{i}",
+                "node": f"node-{i}",
+                "ip": f"10.244.{i}.2",
+                "labels": {"app": "web"},
+            }
+            for i in (1, 3)
+        ],
+        "staticegressips": [
+            _policy(
+                "older",
+                1,
+                [
+                    {
+                        "egressip": "198.51.100.200",
+                        "pod-selector": {"matchLabels": {"app": "web"}},
+                        "cidr": "203.0.113.0/24",
+                        "excluded-cidrs": ["203.0.113.128/25"],
+                    }
+                ],
+                "node-2",
+            ),
+            _policy(
+                "younger",
+                2,
+                [
+                    {
+                        "egressip": "198.51.100.201",
+                        "pod-selector": {"matchLabels": {"app": "web"}},
+                        "cidrs": ["203.0.113.0/24", "192.0.2.0/24"],
+                    }
+                ],
+                "node-1",
+            ),
+        ],
+    }
+    return snapshot(data), config(data)

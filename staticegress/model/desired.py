@@ -12,6 +12,13 @@ Rules are evaluated in one global order, the same on every node: older
 StaticEgressIP first, then namespace/name, then rule index. A pod that
 several rules select towards the same destination follows the first.
 
+That order is resolved here, not in the kernel: for each pod, the rules that
+select it are cut into disjoint destination pieces (a rule keeps what its
+destinations less its exclusions cover and no earlier rule took), and the
+render looks a packet up once, by pod . destination, in one map. A packet
+pays the same whatever the number of rules or pods; pods selected by the
+same rules share one computation of their pieces.
+
 An egress IP belongs to the oldest StaticEgressIP whose claim to it a pool
 grants (`staticegress.model.pools`, the same judgement the manager makes); a
 younger one listing it too, or one whose claim is refused, is in conflict and
@@ -149,6 +156,15 @@ class DesiredState:
     """This node's whole dataplane. Every field is sorted."""
 
     rules: tuple[RuleProgram, ...] = ()
+    """Per rule: which pods it selects here (accounting, reports); the
+    dataplane is rendered from the resolved pieces below."""
+    steer_pieces: tuple[tuple[IPv4Address, IPv4Network, Steer], ...] = ()
+    """Local pod . destination piece -> where its traffic goes. A pod's pieces
+    are disjoint and carry the first selecting rule's verdict; the cluster's
+    ranges are matched apart (so `0.0.0.0/0` stays one piece)."""
+    snat_pieces: tuple[tuple[IPv4Address, IPv4Network, IPv4Address], ...] = ()
+    """Pod (of any node) . destination piece -> the egress IP this node SNATs
+    it to: the pieces whose first selecting rule picked an egress IP we own."""
     gateways: tuple[GatewayRoute, ...] = ()
     """Remote gateways in use, one routing table each."""
     owned: tuple[IPv4Address, ...] = ()
@@ -321,6 +337,34 @@ def _open_to_unseen_pods(
     )
 
 
+def first_match_pieces(
+    reach: tuple[tuple[IPv4Network, ...], ...],
+) -> tuple[tuple[IPv4Network, ...], ...]:
+    """Per rule, in order, the part of its reach (destinations less its
+    exclusions) that no earlier rule covers: what first-match gives it."""
+    taken: list[IPv4Network] = []
+    out: list[tuple[IPv4Network, ...]] = []
+    for nets in reach:
+        won = tuple(subtract(nets, taken)) if taken else tuple(collapse_addresses(nets))
+        out.append(won)
+        taken += won
+    return tuple(out)
+
+
+def _reach(rule: EgressRule) -> tuple[IPv4Network, ...]:
+    return tuple(
+        subtract(
+            (n for n in rule.destinations if isinstance(n, IPv4Network)),
+            (n for n in rule.excluded if isinstance(n, IPv4Network)),
+        )
+    )
+
+
+def _piece_key(entry: tuple[IPv4Address, IPv4Network, object]) -> tuple[int, int, int]:
+    ip, net, _ = entry
+    return (int(ip), int(net.network_address), net.prefixlen)
+
+
 def assign_slots(
     gateways: Iterable[NodeName], previous: Mapping[NodeName, int], max_slots: int
 ) -> dict[NodeName, int]:
@@ -474,7 +518,11 @@ def compute_desired(
     remote: set[IPv4Address] = set()
     returns: dict[IPv4Address, IPv4Address] = {}
     peers: set[NodeName] = set()
-    for pol, rule, picks in chosen:
+    # Pod -> the rules selecting it, in order: (position, local verdict, SNAT address).
+    by_pod: dict[IPv4Address, dict[int, tuple[Steer | None, IPv4Address | None]]] = defaultdict(
+        dict
+    )
+    for k, (pol, rule, picks) in enumerate(chosen):
         steer: list[tuple[IPv4Address, Steer]] = []
         snat: list[tuple[IPv4Address, IPv4Address]] = []
         for pod, picked in picks:
@@ -492,6 +540,11 @@ def compute_desired(
                 steer.append((pod.ip, target))
             else:
                 remote.add(pod.ip)
+            # Every selecting rule counts, also where another gateway SNATs: a
+            # gateway SNATs exactly what first-match would have sent it.
+            by_pod[pod.ip].setdefault(
+                k, (target if pod.node == me else None, picked if gw == me else None)
+            )
             if gw == me and picked is not None:
                 snat.append((pod.ip, picked))
                 director = nodes.get(pod.node) if pod.node else None
@@ -512,6 +565,25 @@ def compute_desired(
                 snat=tuple(sorted(dict(snat).items())),
             )
         )
+
+    reach = [_reach(rule) for _, rule, _ in chosen]
+    steer_pieces: list[tuple[IPv4Address, IPv4Network, Steer]] = []
+    snat_pieces: list[tuple[IPv4Address, IPv4Network, IPv4Address]] = []
+    resolved: dict[tuple[int, ...], tuple[tuple[IPv4Network, ...], ...]] = {}
+    for pod_ip, entries in sorted(by_pod.items()):
+        if all(v is None and e is None for v, e in entries.values()):
+            continue  # a remote pod whose traffic this node never SNATs
+        order = tuple(sorted(entries))
+        won = resolved.get(order)
+        if won is None:
+            won = resolved[order] = first_match_pieces(tuple(reach[k] for k in order))
+        for k, pieces in zip(order, won, strict=True):
+            verdict, snat_to = entries[k]
+            for net in pieces:
+                if verdict is not None:
+                    steer_pieces.append((pod_ip, net, verdict))
+                if snat_to is not None:
+                    snat_pieces.append((pod_ip, net, snat_to))
 
     gateways = tuple(
         GatewayRoute(slot=s, node=g, ip=ip)
@@ -537,14 +609,7 @@ def compute_desired(
                     (n for n in rule.destinations if isinstance(n, IPv4Network)),
                     (n for n in rule.excluded if isinstance(n, IPv4Network)),
                 )
-    steerable: list[IPv4Network] = []
-    for pol in policies:
-        for rule in pol.spec.rules:
-            steerable += subtract(
-                (n for n in rule.destinations if isinstance(n, IPv4Network)),
-                (n for n in rule.excluded if isinstance(n, IPv4Network)),
-            )
-    steered = list(collapse_addresses(steerable))
+    steered = list(collapse_addresses(n for nets in reach for n in nets))
     remote_ranges = (
         collapse_addresses(r for n in nodes.values() if n.name != me for r in n.pod_cidrs)
         if steered
@@ -557,6 +622,8 @@ def compute_desired(
         known_local_pods=tuple(sorted(known)) if held else (),
         held_destinations=tuple(collapse_addresses(held)),
         rules=tuple(programs),
+        steer_pieces=tuple(sorted(steer_pieces, key=_piece_key)),
+        snat_pieces=tuple(sorted(snat_pieces, key=_piece_key)),
         gateways=gateways,
         owned=tuple(
             sorted(

@@ -4,29 +4,37 @@ in libnftables JSON. Pure.
 The batch deletes and recreates `table ip staticegress` (and
 `staticegress_guard`) in one transaction (add, delete, add, contents): no
 packet ever sees a half-built table, and a batch the kernel refuses leaves the
-previous tables untouched. The rules grow with rules and gateways, never with
-pods: pods are elements of per-rule maps (and, in the guard, of one set of
-pod . destination pieces).
+previous tables untouched. Neither the chains nor what a packet walks grow
+with rules or pods: the model resolved rule order, exclusions and the rules'
+overlaps into disjoint pod . destination pieces (`DesiredState.steer_pieces`,
+`snat_pieces`), which are elements of one interval map per direction, so a
+packet costs one hash lookup (is its source a selected pod at all?) and one
+map lookup, whatever the number of rules.
 
-The table, as nft prints it (rule K stands for each rule in global order):
+The table, as nft prints it:
 
     table ip staticegress {
       set cluster_ranges        { type ipv4_addr; flags interval }  # never steered
-      set ruleK_destinations    { type ipv4_addr; flags interval }
-      set ruleK_excluded        { type ipv4_addr; flags interval }
-      map ruleK_steer           { type ipv4_addr : verdict }   # local pod -> goto/accept/drop
-      map ruleK_snat            { type ipv4_addr : ipv4_addr } # pod -> egress IP we own
+      set steered_pods          { type ipv4_addr }   # the cheap exit for every other pod
+      map pod_steer             { type ipv4_addr . ipv4_addr : verdict; flags interval }
+                                # local pod . piece -> goto steer_to_gateway_S / accept / drop
+      set snat_pods             { type ipv4_addr }
+      map pod_snat              { type ipv4_addr . ipv4_addr : verdict; flags interval }
+                                # pod . piece -> goto snat_to_N
       set remote_selected_pods  { type ipv4_addr }
 
       chain steer_to_gateway_S {          # one per remote gateway slot S
         meta mark set meta mark & ~SLOTS | S << SHIFT
       }
+      chain snat_to_N {                   # one per egress IP this node owns
+        ct mark set ct mark | RETURN snat ip to EGRESS_IP_N
+      }
       chain prerouting {                  # after kube-proxy's DNAT: services are resolved
         type filter hook prerouting priority dstnat + 10; policy accept;
         ip saddr @local_pod_ranges ip saddr != @known_local_pods
           ip daddr @held_destinations ip daddr != @cluster_ranges drop   # not seen yet: hold
-        ip daddr @ruleK_destinations ip daddr != @cluster_ranges
-          ip daddr != @ruleK_excluded ip saddr vmap @ruleK_steer
+        ip saddr @steered_pods ip daddr != @cluster_ranges
+          ip saddr . ip daddr vmap @pod_steer
         ct direction reply ct mark & RETURN == RETURN meta mark set meta mark | RETURN  # vxlan
       }
       chain forward {                     # vxlan: fit TCP into the tunnel's MTU
@@ -36,8 +44,8 @@ The table, as nft prints it (rule K stands for each rule in global order):
       chain postrouting {                 # just before the CNI's masquerade (srcnat)
         type nat hook postrouting priority srcnat - 1; policy accept;
         meta mark & SLOTS != 0 snat ip to ip saddr     # director: keep the pod IP
-        ip daddr @ruleK_destinations ip daddr != @cluster_ranges ip daddr != @ruleK_excluded
-          ip saddr @ruleK_snat ct mark set ct mark | RETURN snat ip to ip saddr map @ruleK_snat
+        ip saddr @snat_pods ip daddr != @cluster_ranges
+          ip saddr . ip daddr vmap @pod_snat              # gateway
         iifname "segress0" fib saddr type != local drop  # tunnel traffic we did not SNAT
         ip saddr @remote_selected_pods ip daddr != @cluster_ranges drop
         ip saddr @remote_pod_ranges ip daddr @steered_destinations
@@ -89,7 +97,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
-from staticegress.model.desired import DesiredState, RuleProgram, Steer, subtract
+from staticegress.model.desired import DesiredState, Steer
 
 TABLE = "staticegress"
 GUARD_TABLE = "staticegress_guard"
@@ -172,18 +180,24 @@ def _addr_set(name: str, comment: str, addrs: Iterable[IPv4Address], *, table: s
     return _set(name, comment, [str(a) for a in addrs], interval=False, table=table)
 
 
-def _map(name: str, comment: str, value_type: str, elems: list[Any]) -> Json:
+def _pod_map(name: str, comment: str, elems: list[Any]) -> Json:
+    """A verdict map keyed by pod . destination piece: one lookup per packet."""
     body: Json = {
         "family": FAMILY,
         "table": TABLE,
         "name": name,
-        "type": "ipv4_addr",
-        "map": value_type,
+        "type": ["ipv4_addr", "ipv4_addr"],
+        "map": "verdict",
+        "flags": ["interval"],
         "comment": comment[:128],
     }
     if elems:
         body["elem"] = elems
     return {"add": {"map": body}}
+
+
+def _pod_piece(pod: IPv4Address, net: IPv4Network) -> Json:
+    return {"concat": [str(pod), _elem(net)]}
 
 
 def _chain(name: str, *, table: str = TABLE, **hook: Any) -> Json:
@@ -222,16 +236,6 @@ def _verdict(target: Steer) -> Json:
     return {"goto": {"target": f"steer_to_gateway_{target}"}}
 
 
-def _dest_matches(k: int, rule: RuleProgram) -> list[Json]:
-    out = [
-        _in_set("daddr", f"rule{k}_destinations"),
-        _in_set("daddr", "cluster_ranges", negate=True),
-    ]
-    if rule.excluded:
-        out.append(_in_set("daddr", f"rule{k}_excluded", negate=True))
-    return out
-
-
 def render_ruleset(
     desired: DesiredState, *, transport: str, marks: MarkLayout = DEFAULT_MARKS
 ) -> Json:
@@ -259,58 +263,75 @@ def render_ruleset(
             )
         )
 
-    rules_pre: list[Json] = []
-    rules_post: list[Json] = []
-    for k, rule in enumerate(desired.rules):
-        if not rule.steer and not rule.snat:
-            continue
-        label = f"{rule.ref} rule {rule.index}"
+    # The SNAT verdicts jump to one chain per egress IP this node SNATs to.
+    snat_chain = {
+        eip: f"snat_to_{i}" for i, eip in enumerate(sorted({e for *_, e in desired.snat_pieces}))
+    }
+    for eip, name in snat_chain.items():
+        cmds.append(_chain(name))
         cmds.append(
-            _range_set(f"rule{k}_destinations", f"{label}: destinations", rule.destinations)
+            _rule(
+                name,
+                {
+                    "mangle": {
+                        "key": {"ct": {"key": "mark"}},
+                        "value": {"|": [{"ct": {"key": "mark"}}, marks.return_bit]},
+                    }
+                },
+                {"snat": {"addr": str(eip)}},
+                comment=f"egress IP {eip}",
+            )
         )
-        if rule.excluded:
-            cmds.append(_range_set(f"rule{k}_excluded", f"{label}: excluded", rule.excluded))
-        if rule.steer:
-            cmds.append(
-                _map(
-                    f"rule{k}_steer",
-                    f"{label}: local pods",
-                    "verdict",
-                    [[str(ip), _verdict(t)] for ip, t in rule.steer],
-                )
+    pod_dest = {"concat": [_field("saddr"), _field("daddr")]}
+    rules_pre: list[Json] = []
+    if desired.steer_pieces:
+        cmds += [
+            _addr_set(
+                "steered_pods",
+                "local pods some rule selects: the others leave at once",
+                sorted({ip for ip, *_ in desired.steer_pieces}),
+            ),
+            _pod_map(
+                "pod_steer",
+                "local pod . destination: gateway, here, or drop (first rule wins)",
+                [[_pod_piece(ip, net), _verdict(t)] for ip, net, t in desired.steer_pieces],
+            ),
+        ]
+        rules_pre.append(
+            _rule(
+                "prerouting",
+                _in_set("saddr", "steered_pods"),
+                _in_set("daddr", "cluster_ranges", negate=True),
+                {"vmap": {"key": pod_dest, "data": "@pod_steer"}},
+                comment="steer selected pods",
             )
-            rules_pre.append(
-                _rule(
-                    "prerouting",
-                    *_dest_matches(k, rule),
-                    {"vmap": {"key": _field("saddr"), "data": f"@rule{k}_steer"}},
-                    comment=label,
-                )
+        )
+    rules_post: list[Json] = []
+    if desired.snat_pieces:
+        cmds += [
+            _addr_set(
+                "snat_pods",
+                "pods whose egress IP this node owns",
+                sorted({ip for ip, *_ in desired.snat_pieces}),
+            ),
+            _pod_map(
+                "pod_snat",
+                "pod . destination: the egress IP to SNAT to (first rule wins)",
+                [
+                    [_pod_piece(ip, net), {"goto": {"target": snat_chain[eip]}}]
+                    for ip, net, eip in desired.snat_pieces
+                ],
+            ),
+        ]
+        rules_post.append(
+            _rule(
+                "postrouting",
+                _in_set("saddr", "snat_pods"),
+                _in_set("daddr", "cluster_ranges", negate=True),
+                {"vmap": {"key": pod_dest, "data": "@pod_snat"}},
+                comment="SNAT to the egress IPs we own",
             )
-        if rule.snat:
-            cmds.append(
-                _map(
-                    f"rule{k}_snat",
-                    f"{label}: pods whose egress IP we own",
-                    "ipv4_addr",
-                    [[str(p), str(e)] for p, e in rule.snat],
-                )
-            )
-            rules_post.append(
-                _rule(
-                    "postrouting",
-                    *_dest_matches(k, rule),
-                    _in_set("saddr", f"rule{k}_snat"),
-                    {
-                        "mangle": {
-                            "key": {"ct": {"key": "mark"}},
-                            "value": {"|": [{"ct": {"key": "mark"}}, marks.return_bit]},
-                        }
-                    },
-                    {"snat": {"addr": {"map": {"key": _field("saddr"), "data": f"@rule{k}_snat"}}}},
-                    comment=label,
-                )
-            )
+        )
 
     cmds.append(_chain("prerouting", type="filter", hook="prerouting", prio=-90, policy="accept"))
     if desired.local_pod_ranges and desired.held_destinations:
@@ -445,18 +466,13 @@ def _ct(key: str) -> Json:
 
 def _guarded(desired: DesiredState) -> dict[IPv4Address, list[IPv4Network]]:
     """Pod -> the destinations its traffic must not leave for with another
-    address: every rule that steers or SNATs it, less that rule's exclusions,
+    address: every piece this node steers (any verdict) or SNATs for it,
     collapsed (so a pod's pieces never overlap). The cluster's ranges are
     matched apart, so that `0.0.0.0/0` stays one piece per pod."""
     out: dict[IPv4Address, list[IPv4Network]] = {}
-    for rule in desired.rules:
-        pods = {ip for ip, _ in rule.steer} | {ip for ip, _ in rule.snat}
-        if not pods:
-            continue
-        pieces = subtract(rule.destinations, rule.excluded)
-        for ip in pods:
-            out.setdefault(ip, []).extend(pieces)
-    return {ip: list(collapse_addresses(nets)) for ip, nets in sorted(out.items()) if nets}
+    for ip, net, _ in (*desired.steer_pieces, *desired.snat_pieces):
+        out.setdefault(ip, []).append(net)
+    return {ip: list(collapse_addresses(nets)) for ip, nets in sorted(out.items())}
 
 
 def render_guard(desired: DesiredState) -> list[Json]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -191,3 +192,55 @@ def test_incompatible_tunnel_is_recreated(netns: str) -> None:
 def test_reference_table_in_nft_dir_is_current() -> None:
     reference = Path(__file__).parents[2] / "nft" / "example-director-and-gateway.nft"
     assert reference.read_text() == (GOLDEN / "mixed.node-1.vxlan.nft").read_text()
+
+
+def _kernel_verdict(ns: str, map_name: str, pod: str, dst: str) -> str | None:
+    """The verdict of the kernel's element covering pod . dst (this nft prints
+    `get element` as text even with -j), or None when no element covers it."""
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "get",
+            "element",
+            "ip",
+            "staticegress",
+            map_name,
+            f"{{ {pod} . {dst} }}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        assert "No such file or directory" in done.stderr, done.stderr
+        return None
+    found = re.findall(r"elements = \{ \S+ \. \S+ : (goto \S+|accept|drop) \}", done.stdout)
+    assert len(found) == 1, done.stdout
+    return found[0].removeprefix("goto ")
+
+
+def test_the_kernel_lookup_gives_the_first_rule(netns: str) -> None:
+    """Overlapping rules with an exclusion, resolved into pieces, looked up by
+    the kernel itself: each pod . destination gets the first selecting rule's
+    verdict, on the director and on the gateway."""
+    desired = compute_desired(*scenario.overlapping("node-1"))
+    asyncio.run(NftApplier(NetnsRunner(netns)).apply(render_ruleset(desired, transport="direct")))
+    slot = {g.node: g.slot for g in desired.gateways}["node-2"]
+    expect_steer = {
+        "203.0.113.5": f"steer_to_gateway_{slot}",  # the older rule, via node-2
+        "203.0.113.200": "accept",  # excluded by the older rule: the younger, here
+        "192.0.2.9": "accept",
+        "198.18.0.1": None,  # no rule
+    }
+    for dst, want in expect_steer.items():
+        assert _kernel_verdict(netns, "pod_steer", "10.244.1.2", dst) == want, dst
+    # The remote pod: this gateway SNATs only what the younger rule wins.
+    assert _kernel_verdict(netns, "pod_snat", "10.244.3.2", "203.0.113.5") is None
+    assert _kernel_verdict(netns, "pod_snat", "10.244.3.2", "203.0.113.200") == "snat_to_0"
+    chain = _sh(
+        "ip", "netns", "exec", netns, "nft", "list", "chain", "ip", "staticegress", "snat_to_0"
+    )
+    assert "snat to 198.51.100.201" in chain

@@ -53,9 +53,51 @@ def test_rule_count_does_not_grow_with_pods() -> None:
     steer = next(
         c["add"]["map"]
         for c in big["nftables"]
-        if c.get("add", {}).get("map", {}).get("name") == "rule0_steer"
+        if c.get("add", {}).get("map", {}).get("name") == "pod_steer"
     )
-    assert len(steer["elem"]) == 201
+    # The frontend pods' rule has one destination: one piece per pod.
+    frontend = [e for e in steer["elem"] if e[0]["concat"][1] == "203.0.113.10"]
+    assert len(frontend) == 201
+
+
+def test_rule_count_does_not_grow_with_rules() -> None:
+    """Every packet walks the same chains whatever the number of rules: the
+    rules of the StaticEgressIPs become elements of one pod . destination map."""
+
+    def batch(rules: int) -> dict[str, object]:
+        data = scenario.load("mixed")
+        data["staticegressips"] += [
+            {
+                "metadata": {
+                    "namespace": "default",
+                    "name": f"many-{o}",
+                    "creationTimestamp": f"2026-11-05T00:00:{o:02d}Z",
+                    "uid": f"many-{o}",
+                },
+                "spec": {
+                    "rules": [
+                        {
+                            "egressip": "198.51.100.201",
+                            "pod-selector": {"matchLabels": {"app": "other"}},
+                            "cidr": f"192.{o}.{i}.0/24",
+                        }
+                        for i in range(min(50, rules - 50 * o))
+                    ]
+                },
+            }
+            for o in range((rules + 49) // 50)
+        ]
+        desired = compute_desired(scenario.snapshot(data), scenario.config(data, "direct"))
+        return render_ruleset(desired, transport="direct")
+
+    one, many = batch(1), batch(200)
+    assert len(_rules(one)) == len(_rules(many))
+    elems = {
+        c["add"]["map"]["name"]: len(c["add"]["map"].get("elem", []))
+        for c in many["nftables"]  # type: ignore[attr-defined]
+        if "map" in c.get("add", {})
+    }
+    assert elems["pod_steer"] > 200  # the rules are there, as elements
 
 
 def test_every_address_is_rendered_from_parsed_values() -> None:
