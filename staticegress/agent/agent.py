@@ -97,6 +97,13 @@ from staticegress.k8s.client import REQUEST_TIMEOUT
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
 from staticegress.k8s.snapshot import Invalid, ParseCache, build_snapshot
+from staticegress.k8s.trim import (
+    trim_endpoint_slice,
+    trim_namespace,
+    trim_node,
+    trim_pod,
+    trim_service,
+)
 from staticegress.model.desired import AgentConfig, DesiredState, Snapshot, compute_desired
 from staticegress.model.programmed import AgentRecord, agent_record
 from staticegress.render.lease import delete_lease_tables, render_lease_tables
@@ -222,19 +229,32 @@ class Agent:
                 list_args=(GROUP, VERSION, PLURAL),
                 on_change=poke,
             ),
+            # Stored trimmed (k8s.trim): memory follows what we read, not the
+            # size of every object in the cluster.
             "pods": Reflector(
-                name="pods", list_fn=core.list_pod_for_all_namespaces, on_change=poke
+                name="pods",
+                list_fn=core.list_pod_for_all_namespaces,
+                on_change=poke,
+                trim=trim_pod,
             ),
-            "nodes": Reflector(name="nodes", list_fn=core.list_node, on_change=poke),
+            "nodes": Reflector(
+                name="nodes", list_fn=core.list_node, on_change=poke, trim=trim_node
+            ),
             "services": Reflector(
-                name="services", list_fn=core.list_service_for_all_namespaces, on_change=poke
+                name="services",
+                list_fn=core.list_service_for_all_namespaces,
+                on_change=poke,
+                trim=trim_service,
             ),
             "endpointslices": Reflector(
                 name="endpointslices",
                 list_fn=disco.list_endpoint_slice_for_all_namespaces,
                 on_change=poke,
+                trim=trim_endpoint_slice,
             ),
-            "namespaces": Reflector(name="namespaces", list_fn=core.list_namespace, on_change=poke),
+            "namespaces": Reflector(
+                name="namespaces", list_fn=core.list_namespace, on_change=poke, trim=trim_namespace
+            ),
             # Pools decide who owns an egress IP and how far a rule reaches; a
             # sync before they are listed would refuse every claim.
             "pools": Reflector(

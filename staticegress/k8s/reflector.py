@@ -30,9 +30,14 @@ no reset), and a quiet watch must not be torn down for being quiet. So:
 Invariants:
 - `synced` is set only after a complete first list; callers must not act on
   the store before it (an empty store means "not known yet", not "nothing");
-- the store holds the raw JSON dicts the API server sent, keyed by
-  `namespace/name` (or `name` for cluster-scoped kinds); parsing into
-  validated types is the caller's job, at its own edge;
+- the store holds the JSON dicts the API server sent, keyed by
+  `namespace/name` (or `name` for cluster-scoped kinds), trimmed by `trim`
+  when one is given (`k8s.trim`: the fields the parsers read, in the API's
+  shape); parsing into validated types is the caller's job, at its own edge;
+- a list is read in pages of `page_size` objects (limit/continue), so the
+  largest body held at once is one page, not the whole cluster; the store
+  is replaced only once the last page arrived, and the watch resumes from
+  the list's resourceVersion (every page of one list shares it);
 - a failed list (any non-2xx answer) never replaces the store;
 - `on_change` is called after every store update and must only poke a
   coalescing trigger, never do the work itself.
@@ -55,6 +60,7 @@ import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from staticegress.k8s.client import REQUEST_TIMEOUT
+from staticegress.k8s.trim import Trim
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +100,12 @@ class Reflector:
         silence_limit: float = SILENCE_LIMIT,
         idle_limit: float = IDLE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        trim: Trim | None = None,
+        page_size: int | None = 500,
     ) -> None:
         self.name = name
+        self._trim = trim
+        self._page_size = page_size
         self._list_fn = list_fn
         self._list_args = list_args
         self._list_kwargs = list_kwargs or {}
@@ -186,34 +196,48 @@ class Reflector:
         return False
 
     async def _list(self) -> None:
-        resp = await self._list_fn(
-            *self._list_args,
-            **self._list_kwargs,
-            _preload_content=False,
-            _request_timeout=aiohttp.ClientTimeout(
-                total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT
-            ),
-        )
-        try:
-            raw = await resp.read()
-        finally:
-            resp.release()
-        _raise_for_status(resp, raw)
-        body = json.loads(raw)
-        items = body.get("items") or []
-        kind = str(body.get("kind", "")).removesuffix("List")
-        api_version = body.get("apiVersion")
         fresh: dict[str, dict[str, Any]] = {}
-        for item in items:
-            # List responses omit kind/apiVersion on items; restore them so a
-            # listed object looks exactly like a watched one.
-            item.setdefault("kind", kind)
-            item.setdefault("apiVersion", api_version)
-            fresh[object_key(item)] = item
+        token = ""
+        while True:
+            paging: dict[str, Any] = {}
+            if self._page_size:
+                paging["limit"] = self._page_size
+            if token:
+                paging["_continue"] = token
+            resp = await self._list_fn(
+                *self._list_args,
+                **self._list_kwargs,
+                **paging,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(
+                    total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT
+                ),
+            )
+            try:
+                raw = await resp.read()
+            finally:
+                resp.release()
+            # An expired continue token (410) fails the whole list: run() lists
+            # again from the first page, as after any failed list.
+            _raise_for_status(resp, raw)
+            body = json.loads(raw)
+            del raw
+            kind = str(body.get("kind", "")).removesuffix("List")
+            api_version = body.get("apiVersion")
+            for item in body.get("items") or []:
+                # List responses omit kind/apiVersion on items; restore them so a
+                # listed object looks exactly like a watched one.
+                item.setdefault("kind", kind)
+                item.setdefault("apiVersion", api_version)
+                fresh[object_key(item)] = self._trim(item) if self._trim else item
+            meta = body.get("metadata") or {}
+            self._heard(event=True)
+            token = str(meta.get("continue") or "")
+            if not token:
+                break
         self.store = fresh
-        self.resource_version = str(body.get("metadata", {}).get("resourceVersion", ""))
+        self.resource_version = str(meta.get("resourceVersion", ""))
         self.relists += 1
-        self._heard(event=True)
         self.synced.set()
         self._on_change()
 
@@ -303,7 +327,7 @@ class Reflector:
         if kind == "DELETED":
             self.store.pop(key, None)
         else:
-            self.store[key] = obj
+            self.store[key] = self._trim(obj) if self._trim else obj
         self._on_change()
 
 

@@ -71,6 +71,7 @@ from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
 from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy, parse_pool_checked
 from staticegress.k8s.status import KubeStatusAPI, PoolStatusAPI, StatusWrite, StatusWriter
+from staticegress.k8s.trim import trim_namespace, trim_node, trim_service
 from staticegress.manager.grants import MAP_ANNOTATION, GrantService, decode_map, encode_map
 from staticegress.manager.leader import LeaderElector
 from staticegress.model.assign import (
@@ -166,9 +167,14 @@ class Manager:
                 list_args=(GROUP, VERSION, PLURAL),
                 on_change=poke,
             ),
-            "nodes": Reflector(name="nodes", list_fn=core.list_node, on_change=poke),
+            "nodes": Reflector(
+                name="nodes", list_fn=core.list_node, on_change=poke, trim=trim_node
+            ),
             "services": Reflector(
-                name="services", list_fn=core.list_service_for_all_namespaces, on_change=poke
+                name="services",
+                list_fn=core.list_service_for_all_namespaces,
+                on_change=poke,
+                trim=trim_service,
             ),
             # Pools and namespaces decide every grant: a sync before both are
             # listed would see no pool and withdraw every egress IP.
@@ -178,7 +184,9 @@ class Manager:
                 list_args=(GROUP, VERSION, POOL_PLURAL),
                 on_change=poke,
             ),
-            "namespaces": Reflector(name="namespaces", list_fn=core.list_namespace, on_change=poke),
+            "namespaces": Reflector(
+                name="namespaces", list_fn=core.list_namespace, on_change=poke, trim=trim_namespace
+            ),
         }
         # The service ranges are only forbidden addresses; a cluster without the
         # ServiceCIDR API (or the permission) must not stop failover, so the

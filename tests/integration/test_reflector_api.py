@@ -51,3 +51,43 @@ async def test_a_quiet_watch_stays_heard_and_events_arrive(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_paged_list_gets_every_object(api: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(api)
+    for i in range(5):
+        await core.create_namespaced_config_map(
+            namespace, {"metadata": {"name": f"page-{i}"}, "data": {"k": "v" * 100}}
+        )
+    pages: list[object] = []
+
+    async def listing(*args: object, **kwargs: object) -> object:
+        if not kwargs.get("watch"):
+            pages.append(kwargs.get("_continue"))
+        return await core.list_namespaced_config_map(*args, **kwargs)
+
+    r = Reflector(
+        name="configmaps",
+        list_fn=listing,
+        list_args=(namespace,),
+        page_size=2,
+        trim=lambda o: {"metadata": o["metadata"]},
+    )
+    task = asyncio.create_task(r.run())
+    try:
+        await asyncio.wait_for(r.synced.wait(), timeout=15)
+        names = {k.split("/")[1] for k in r.store}
+        assert {f"page-{i}" for i in range(5)} <= names
+        assert len(pages) >= 3, pages
+        assert pages[0] is None, pages
+        assert all(pages[1:]), pages
+        assert all("data" not in o for o in r.store.values())
+        # The watch resumes from the paged list's resourceVersion: a change arrives.
+        await core.delete_namespaced_config_map("page-0", namespace)
+        deadline = time.monotonic() + 10
+        while f"{namespace}/page-0" in r.store:
+            assert time.monotonic() < deadline, "the deletion never arrived"
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

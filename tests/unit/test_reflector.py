@@ -323,3 +323,85 @@ async def test_tcp_keepalive_answers_count_as_hearing_the_server() -> None:
             w.close()
         server.close()
         await server.wait_closed()
+
+
+def _page(rv: int, token: str, *pods: dict[str, Any]) -> _Response:
+    page = _list(rv, *pods)
+    assert page._body is not None
+    page._body["metadata"]["continue"] = token
+    return page
+
+
+async def test_a_list_is_read_in_pages_and_replaces_the_store_at_the_end() -> None:
+    seen: list[list[str]] = []
+    script = _Script(
+        [
+            _list(10, _pod("old", 5)),
+            _Response(lines=[]),  # the watch ends: list again (below, after a 410)
+            _Response(
+                lines=[
+                    json.dumps(
+                        {"type": "ERROR", "object": {"kind": "Status", "code": 410}}
+                    ).encode()
+                    + b"\n"
+                ]
+            ),
+            _page(40, "t1", _pod("a", 31)),
+            _page(40, "t2", _pod("b", 32)),
+            _page(40, "", _pod("c", 33)),
+        ]
+    )
+    r = Reflector(name="test", list_fn=script, max_backoff=0.01, page_size=1)
+    r._on_change = lambda: seen.append(sorted(r.store))
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert sorted(r.store) == ["ns/a", "ns/b", "ns/c"]
+    # Never a partial store: only the first list and the complete second one.
+    assert seen == [["ns/old"], ["ns/a", "ns/b", "ns/c"]]
+    assert [c.get("limit") for c in script.calls[3:6]] == [1, 1, 1]
+    assert [c.get("_continue") for c in script.calls[3:6]] == [None, "t1", "t2"]
+    assert script.calls[6]["resource_version"] == "40"
+
+
+async def test_a_list_failing_between_pages_keeps_the_last_store() -> None:
+    script = _Script(
+        [
+            _list(10, _pod("old", 5)),
+            _Response(
+                lines=[json.dumps({"type": "ERROR", "object": {"code": 410}}).encode() + b"\n"]
+            ),
+            _page(40, "t1", _pod("a", 31)),
+            OSError("connection reset"),
+        ]
+    )
+    r = Reflector(name="test", list_fn=script, max_backoff=0.01, page_size=1)
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    # The next attempt starts again from the first page.
+    assert "_continue" not in script.calls[-1]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert sorted(r.store) == ["ns/old"]
+
+
+async def test_stored_objects_are_trimmed_from_lists_and_events() -> None:
+    script = _Script(
+        [
+            _list(10, _pod("a", 5)),
+            _Response(lines=[_event("ADDED", _pod("b", 11))]),
+        ]
+    )
+    r = Reflector(
+        name="test",
+        list_fn=script,
+        max_backoff=0.01,
+        trim=lambda o: {"metadata": {"name": o["metadata"]["name"], "trimmed": True}},
+    )
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert all(o["metadata"]["trimmed"] for o in r.store.values())
+    assert sorted(r.store) == ["ns/a", "ns/b"]
