@@ -47,7 +47,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
@@ -62,6 +62,7 @@ from staticegress.agent.ownership import OwnershipKeeper
 from staticegress.agent.sync import SyncRunner, TemporaryError
 from staticegress.agent.transport import choose_transport, node_event
 from staticegress.api.core import parse_node
+from staticegress.api.members import MEMBERS_PLURAL, MEMBERS_SELECTOR
 from staticegress.api.pools import POOL_PLURAL
 from staticegress.api.types import EgressIPRef, IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -96,7 +97,12 @@ from staticegress.k8s.agentreport import AgentReporter, LeaseReportWriter
 from staticegress.k8s.client import REQUEST_TIMEOUT
 from staticegress.k8s.events import EventRecorder
 from staticegress.k8s.reflector import Reflector
-from staticegress.k8s.snapshot import Invalid, ParseCache, build_snapshot
+from staticegress.k8s.snapshot import (
+    Invalid,
+    ParseCache,
+    build_snapshot,
+    published_selection,
+)
 from staticegress.k8s.trim import (
     trim_endpoint_slice,
     trim_namespace,
@@ -175,6 +181,12 @@ class AgentOptions:
     cni_gate: GateConfig | None = None
     """Install the CNI gate that holds new pods until this node is programmed
     since boot (`dataplane.cnigate`); None: no gate."""
+    selection: Literal["published", "local"] = "local"
+    """`published` (deployed): watch only this node's Pods, and take the other
+    nodes' selected pods from the manager's StaticEgressIPMembers, so memory
+    and watch traffic follow this node, not the cluster (docs/scale.md).
+    `local`: watch every Pod and EndpointSlice and select everything here;
+    for clusters without managers (tests)."""
 
 
 class NftPort(Protocol):
@@ -234,6 +246,9 @@ class Agent:
             "pods": Reflector(
                 name="pods",
                 list_fn=core.list_pod_for_all_namespaces,
+                list_kwargs={"field_selector": f"spec.nodeName={opts.node}"}
+                if opts.selection == "published"
+                else None,
                 on_change=poke,
                 trim=trim_pod,
             ),
@@ -245,12 +260,6 @@ class Agent:
                 list_fn=core.list_service_for_all_namespaces,
                 on_change=poke,
                 trim=trim_service,
-            ),
-            "endpointslices": Reflector(
-                name="endpointslices",
-                list_fn=disco.list_endpoint_slice_for_all_namespaces,
-                on_change=poke,
-                trim=trim_endpoint_slice,
             ),
             "namespaces": Reflector(
                 name="namespaces", list_fn=core.list_namespace, on_change=poke, trim=trim_namespace
@@ -264,6 +273,22 @@ class Agent:
                 on_change=poke,
             ),
         }
+        if opts.selection == "published":
+            self.reflectors["members"] = Reflector(
+                name="staticegressipmembers",
+                list_fn=custom.list_namespaced_custom_object,
+                list_args=(GROUP, VERSION, opts.namespace, MEMBERS_PLURAL),
+                list_kwargs={"label_selector": MEMBERS_SELECTOR},
+                on_change=poke,
+            )
+        else:
+            self.reflectors["endpointslices"] = Reflector(
+                name="endpointslices",
+                list_fn=disco.list_endpoint_slice_for_all_namespaces,
+                on_change=poke,
+                trim=trim_endpoint_slice,
+            )
+        self._dropped_shards = 0
         self.netns_runner = NetnsRunner(opts.netns)
         # Every batch goes through the watchdog, which forces a full sync the
         # moment one of our tables is removed or changed behind our back.
@@ -289,6 +314,11 @@ class Agent:
             ("syncs_total", "counter", "Syncs run, applied or found unchanged."),
             ("pods_steered", "gauge", "Local pods whose matching traffic is steered or dropped."),
             ("pods_snat", "gauge", "Pods this node SNATs as a gateway."),
+            (
+                "member_objects_ignored",
+                "gauge",
+                "Published StaticEgressIPMembers objects left out as unreadable or stale.",
+            ),
             ("rules_programmed", "gauge", "Rules with at least one pod programmed here."),
             ("egress_ips_owned", "gauge", "Egress IPs this node holds."),
             ("problems", "gauge", "StaticEgressIP problems this node cannot program."),
@@ -460,9 +490,11 @@ class Agent:
             nodes=stores["nodes"],
             services=stores["services"],
             namespaces=stores["namespaces"],
-            slices=stores["endpointslices"],
+            slices=stores.get("endpointslices", {}),
             pools=stores["pools"],
         )
+        if "members" in stores:
+            snap = self._with_published_selection(snap, stores["members"])
         config = AgentConfig(
             node=self.node,
             transport=self.transport or "direct",
@@ -485,6 +517,20 @@ class Agent:
             self.keeper.set_mine(frozenset(desired.named))
         self.metrics.set("fenced", 1 if self.withheld else 0)
         return desired, invalid, snap
+
+    def _with_published_selection(self, snap: Snapshot, shards: Any) -> Snapshot:
+        """`snap` (this node's pods only) with the manager's published selection."""
+        published, dropped = published_selection(shards, snap.policies, cache=self.parse_cache)
+        if dropped != self._dropped_shards:
+            log.warning(
+                "node=%s %d StaticEgressIPMembers objects left out (unreadable, or of a "
+                "StaticEgressIP that no longer exists)",
+                self.node,
+                dropped,
+            )
+            self._dropped_shards = dropped
+        self.metrics.set("member_objects_ignored", dropped)
+        return replace(snap, members=published.members, endpoints=published.endpoints)
 
     def _never_held(self, snap: Snapshot) -> frozenset[IPAddress]:
         """Addresses this node refuses to hold whatever the status says: any

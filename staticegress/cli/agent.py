@@ -113,6 +113,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "IPs (default: grants)",
     )
     p.add_argument(
+        "--selection",
+        choices=["published", "local"],
+        default="published",
+        help="published: watch only this node's pods and take the other nodes' selected "
+        "pods from the manager's StaticEgressIPMembers (memory and watch traffic follow the "
+        "node, not the cluster). local: watch every pod and select everything here, for "
+        "clusters without managers (default: published)",
+    )
+    p.add_argument(
         "--grant-key-file",
         default=os.environ.get("GRANT_KEY_FILE", "/etc/staticegress/grant/key"),
         help="the cluster's grant key (the Secret staticegress-grant-key, mounted) "
@@ -264,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         table_base=args.table_base,
         rule_priority=args.rule_priority,
         ownership=args.ownership,
+        selection=args.selection,
         grant_key=grant_key,
         grant_port=args.grant_port,
         grant_address=args.grant_address,

@@ -1,5 +1,5 @@
-"""Install the product's CRDs (StaticEgressIP and StaticEgressIPPool) and wait
-until the API server serves them."""
+"""Install the product's CRDs (StaticEgressIP, StaticEgressIPPool and
+StaticEgressIPMembers) and wait until the API server serves them."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ class CRDNotEstablishedError(RuntimeError):
 async def install_crd(api: client.ApiClient, *, wait_seconds: float = 60.0) -> dict[str, Any]:
     """Create or update every CRD, then wait until each is Established.
 
-    Returns the served StaticEgressIP CRD. Both are installed together because
+    Returns the served StaticEgressIP CRD. All are installed together because
     the manager, the agents and the admission policy read pools wherever they
-    read StaticEgressIPs.
+    read StaticEgressIPs, and the agents read the manager's members.
     """
     bodies = manifests.crds()
     for body in bodies:

@@ -22,6 +22,7 @@ def deploy_dir() -> Path:
 
 CRD_FILE = "crd/staticegressips.io_staticegressips.yaml"
 POOL_CRD_FILE = "crd/staticegressips.io_staticegressippools.yaml"
+MEMBERS_CRD_FILE = "crd/staticegressips.io_staticegressipmembers.yaml"
 ADMISSION_FILE = "admission/pools.yaml"
 """The pool admission policy and its binding."""
 TENANT_ROLES_FILE = "rbac/tenants.yaml"
@@ -54,4 +55,5 @@ def pool_crd() -> dict[str, Any]:
 
 def crds() -> list[dict[str, Any]]:
     """Every CustomResourceDefinition of the product, the StaticEgressIP one first."""
-    return [crd(), pool_crd()]
+    (members,) = load(MEMBERS_CRD_FILE)
+    return [crd(), pool_crd(), members]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Any
 
 from staticegress.api.core import (
@@ -18,6 +19,7 @@ from staticegress.api.core import (
     parse_pod,
     parse_service,
 )
+from staticegress.api.members import InvalidShardError, Member, MemberShard, parse_member_shard
 from staticegress.api.pools import EgressIPPool, parse_pool
 from staticegress.api.types import EgressIPRef, StaticEgressIP
 from staticegress.api.v1alpha1 import InvalidSpecError, parse_static_egress_ip
@@ -127,3 +129,40 @@ def build_snapshot(
         ),
     )
     return snap, sorted(invalid, key=lambda i: i.ref)
+
+
+def published_selection(
+    shards: Store, policies: tuple[StaticEgressIP, ...], *, cache: ParseCache | None = None
+) -> tuple[Snapshot, int]:
+    """The manager's StaticEgressIPMembers as the model's `members` and
+    `endpoints` (in a Snapshot holding only those two), and how many objects
+    were left out: unreadable ones, and those of an object that no longer
+    exists under that uid (a deleted StaticEgressIP whose name was reused)."""
+    cache = cache or ParseCache()
+    uids = {p.ref: p.uid for p in policies}
+    members: list[Member] = []
+    endpoints: dict[tuple[str, str], set[IPv4Address]] = {}
+    dropped = 0
+    for shard in cache.parse_all("members", shards, _parse_shard):
+        if shard is None or uids.get(shard.ref) != shard.uid:
+            dropped += 1
+            continue
+        members += shard.members
+        if shard.service:
+            endpoints.setdefault((shard.ref.namespace, shard.service), set()).update(
+                shard.endpoints
+            )
+    return Snapshot(
+        policies=(),
+        pods=(),
+        nodes=(),
+        members=tuple(sorted(set(members))),
+        endpoints=tuple(sorted((k, tuple(sorted(v))) for k, v in endpoints.items())),
+    ), dropped
+
+
+def _parse_shard(obj: Mapping[str, Any]) -> MemberShard | None:
+    try:
+        return parse_member_shard(obj)
+    except InvalidShardError:
+        return None

@@ -338,14 +338,15 @@ def _start_agent(state: LabState, node: plan.NodePlan) -> None:
             "--health-port",
             str(AGENT_PORT),
             # A lab without managers (`--no-agents`: tests write statuses by
-            # hand) has nobody to grant: its agents follow the status alone.
+            # hand) has nobody to grant or to publish the selection: its
+            # agents follow the status alone and select every pod themselves.
             *(
                 (
                     *("--grant-key-file", str(grant_key_path())),
                     *("--grant-address", str(node.underlay_ip)),
                 )
                 if state.agents
-                else ("--ownership", "status-only")
+                else ("--ownership", "status-only", "--selection", "local")
             ),
         ),
     ]

@@ -52,7 +52,7 @@ from kubernetes_asyncio import client
 from staticegress.agent.health import HealthState
 from staticegress.agent.health import serve as serve_health
 from staticegress.agent.metrics import Registry
-from staticegress.agent.sync import SyncRunner
+from staticegress.agent.sync import SyncRunner, TemporaryError
 from staticegress.api.core import (
     Node,
     Service,
@@ -61,6 +61,7 @@ from staticegress.api.core import (
     parse_service,
     parse_service_cidr,
 )
+from staticegress.api.members import MEMBERS_PLURAL, MEMBERS_SELECTOR
 from staticegress.api.pools import POOL_PLURAL, EgressIPPool
 from staticegress.api.types import EgressIPRef, IPAddress, IPNetwork, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -68,10 +69,23 @@ from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.k8s.agentreport import LABEL_SELECTOR, records_from_store
 from staticegress.k8s.events import EventRecorder
+from staticegress.k8s.members import MemberPublisher
 from staticegress.k8s.reflector import Reflector
-from staticegress.k8s.snapshot import Invalid, ParseCache, parse_policy, parse_pool_checked
+from staticegress.k8s.snapshot import (
+    Invalid,
+    ParseCache,
+    build_snapshot,
+    parse_policy,
+    parse_pool_checked,
+)
 from staticegress.k8s.status import KubeStatusAPI, PoolStatusAPI, StatusWrite, StatusWriter
-from staticegress.k8s.trim import trim_namespace, trim_node, trim_service
+from staticegress.k8s.trim import (
+    trim_endpoint_slice,
+    trim_namespace,
+    trim_node,
+    trim_pod,
+    trim_service,
+)
 from staticegress.manager.grants import MAP_ANNOTATION, GrantService, decode_map, encode_map
 from staticegress.manager.leader import LeaderElector
 from staticegress.model.assign import (
@@ -86,6 +100,7 @@ from staticegress.model.assign import (
     same_status,
     status_body,
 )
+from staticegress.model.desired import select_members
 from staticegress.model.ownership import (
     GRANT_TTL,
     HandoffPlanner,
@@ -105,6 +120,7 @@ from staticegress.model.pools import (
     trusted_routers,
 )
 from staticegress.model.programmed import confirm_programmed, previous_programmed
+from staticegress.render.members import render_member_shards
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +175,14 @@ class Manager:
         self.custom = client.CustomObjectsApi(api)
         core = client.CoreV1Api(api)
         self.runner = SyncRunner(self.sync, min_interval=0.02, max_interval=30.0)
-        poke = self.runner.poke
+        # The selection is published by a runner of its own, so failover never
+        # waits for it (nor for the Pod watch it needs).
+        self.members_runner = SyncRunner(self.publish_members, min_interval=0.02, max_interval=60.0)
+
+        def poke() -> None:
+            self.runner.poke()
+            self.members_runner.poke()
+
         self.reflectors = {
             "staticegressips": Reflector(
                 name="staticegressips",
@@ -188,6 +211,30 @@ class Manager:
                 name="namespaces", list_fn=core.list_namespace, on_change=poke, trim=trim_namespace
             ),
         }
+        selection_poke = self.members_runner.poke
+        self.selection_reflectors = {
+            "pods": Reflector(
+                name="pods",
+                list_fn=core.list_pod_for_all_namespaces,
+                on_change=selection_poke,
+                trim=trim_pod,
+            ),
+            "endpointslices": Reflector(
+                name="endpointslices",
+                list_fn=client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+                on_change=selection_poke,
+                trim=trim_endpoint_slice,
+            ),
+            "members": Reflector(
+                name="staticegressipmembers",
+                list_fn=self.custom.list_namespaced_custom_object,
+                list_args=(GROUP, VERSION, opts.namespace, MEMBERS_PLURAL),
+                list_kwargs={"label_selector": MEMBERS_SELECTOR},
+                on_change=selection_poke,
+            ),
+        }
+        self.publisher = MemberPublisher(api, namespace=opts.namespace)
+        self.members_cache = ParseCache()
         # The service ranges are only forbidden addresses; a cluster without the
         # ServiceCIDR API (or the permission) must not stop failover, so the
         # first sync waits for this list only for a while.
@@ -270,6 +317,9 @@ class Manager:
             ("frozen", "gauge", "1 while this replica's view of the nodes is implausible."),
             ("grant_map_epoch", "gauge", "Epoch of the grant map this replica grants."),
             ("pending_handoffs", "gauge", "Moved egress IPs waiting for the old owner to let go."),
+            ("members_published", "gauge", "Selected pods in the published selection."),
+            ("member_objects", "gauge", "StaticEgressIPMembers objects the selection needs."),
+            ("member_writes_total", "counter", "StaticEgressIPMembers creates, patches, deletes."),
         ):
             self.metrics.declare(name, kind, help)
         self.reassign = self.metrics.histogram(
@@ -293,6 +343,7 @@ class Manager:
             )
             self._map_text = encode_map(self.grants.epoch, grant_map)
             self.runner.poke()
+            self.members_runner.poke()
         else:
             self.planner = None
 
@@ -318,6 +369,9 @@ class Manager:
             for r in self.reflectors.values():
                 tg.create_task(r.run(), name=f"reflector-{r.name}")
             tg.create_task(self.reports.run(), name="reflector-agentreports")
+            for r in self.selection_reflectors.values():
+                tg.create_task(r.run(), name=f"reflector-{r.name}")
+            tg.create_task(self.members_runner.run(), name="publish-members")
             tg.create_task(self.service_cidrs.run(), name="reflector-servicecidrs")
             tg.create_task(self.prober.run(), name="prober")
             tg.create_task(self.elector.run(), name="leader")
@@ -453,6 +507,36 @@ class Manager:
             )
         if planner.unpublished and await self.elector.publish():
             planner.published(at=time.monotonic())
+
+    async def publish_members(self, force: bool) -> None:
+        """Publish which pods each rule selects (`render.members`), as leader."""
+        reflectors = (*self.reflectors.values(), *self.selection_reflectors.values())
+        if not self.elector.is_leader() or not all(r.synced.is_set() for r in reflectors):
+            return
+        stores = {k: r.store for k, r in self.reflectors.items()}
+        snap, _ = build_snapshot(
+            cache=self.members_cache,
+            policies=stores["staticegressips"],
+            pods=self.selection_reflectors["pods"].store,
+            nodes={},
+            services=stores["services"],
+            namespaces=stores["namespaces"],
+            slices=self.selection_reflectors["endpointslices"].store,
+            pools=stores["pools"],
+        )
+        members, endpoints = select_members(snap, require_pool=self.opts.require_pool)
+        wanted = render_member_shards(
+            snap.policies, members, dict(endpoints), namespace=self.opts.namespace
+        )
+        before = self.publisher.writes
+        errors = await self.publisher.publish(wanted, self.selection_reflectors["members"].store)
+        self.metrics.set("members_published", len(members))
+        self.metrics.set("member_objects", len(wanted))
+        self.metrics.inc("member_writes_total", self.publisher.writes - before)
+        if errors:
+            raise TemporaryError(
+                f"{len(errors)} StaticEgressIPMembers writes failed, first: {errors[0]}"
+            )
 
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()):

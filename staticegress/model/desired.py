@@ -68,6 +68,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Literal
 
 from staticegress.api.core import Namespace, Node, Pod, Service
+from staticegress.api.members import Member
 from staticegress.api.pools import EgressIPPool
 from staticegress.api.types import (
     EgressIPRef,
@@ -96,6 +97,12 @@ class Snapshot:
     endpoints: tuple[tuple[tuple[str, str], tuple[IPv4Address, ...]], ...] = ()
     """(namespace, service) -> addresses, for Services without a selector."""
     pools: tuple[EgressIPPool, ...] = ()
+    members: tuple[Member, ...] | None = None
+    """The manager's published selection (`select_members`), or None. When
+    given, `pods` need only hold this node's own pods: this node selects its
+    own pods itself (at once, and the hold works as without it), and learns
+    the selected pods of other nodes, for its gateway and guard duties, from
+    here. `endpoints` then come from the publication too."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,65 @@ class _PodIndex:
         else:
             candidates = self.by_ns.get(namespace, [])
         return [p for p in candidates if sel is None or sel.matches(p.label_map)]
+
+
+class _Selector:
+    """Which pods of a snapshot each rule selects."""
+
+    def __init__(self, snapshot: Snapshot, tenancy: Tenancy) -> None:
+        self.pods = _live_claims(
+            p for p in snapshot.pods if p.ip is not None and not p.host_network
+        )
+        self.index = _PodIndex(self.pods)
+        self.services = {(s.namespace, s.name): s for s in snapshot.services}
+        self.namespaces = {n.name: n for n in snapshot.namespaces}
+        self.endpoints = dict(snapshot.endpoints)
+        self.tenancy = tenancy
+
+    def select(self, policy: StaticEgressIP, rule: EgressRule) -> list[Pod]:
+        return _select(
+            policy,
+            rule,
+            index=self.index,
+            services=self.services,
+            namespaces=self.namespaces,
+            endpoints=self.endpoints,
+            tenancy=self.tenancy,
+        )
+
+
+def _tenancy(snapshot: Snapshot, require_pool: bool) -> tuple[list[StaticEgressIP], Tenancy]:
+    policies = oldest_first(snapshot.policies)
+    return policies, judge_tenancy(
+        policies,
+        pools=snapshot.pools,
+        namespaces={n.name: dict(n.labels) for n in snapshot.namespaces},
+        require_pool=require_pool,
+    )
+
+
+def select_members(
+    snapshot: Snapshot, *, require_pool: bool
+) -> tuple[tuple[Member, ...], tuple[tuple[tuple[str, str], tuple[IPv4Address, ...]], ...]]:
+    """Every pod every IPv4 rule selects, on every node (the manager publishes
+    this), and the endpoint addresses of the Services without a selector that
+    rules name (the agents select their own pods among those)."""
+    policies, tenancy = _tenancy(snapshot, require_pool)
+    selector = _Selector(snapshot, tenancy)
+    members: set[Member] = set()
+    named: set[tuple[str, str]] = set()
+    for pol in policies:
+        for rule in pol.spec.rules:
+            if rule.family != 4:
+                continue
+            for pod in selector.select(pol, rule):
+                if pod.ip is not None and pod.node is not None:
+                    members.add(Member(pol.ref, rule.index, pod.ip, pod.node))
+            svc = selector.services.get((pol.ref.namespace, rule.service_name or ""))
+            if svc is not None and svc.selector is None:
+                named.add((svc.namespace, svc.name))
+    endpoints = tuple((k, v) for k, v in sorted(selector.endpoints.items()) if k in named)
+    return tuple(sorted(members)), endpoints
 
 
 def _select(
@@ -398,11 +464,6 @@ def compute_desired(
     """
     me = config.node
     nodes = {n.name: n for n in snapshot.nodes}
-    pods = _live_claims(p for p in snapshot.pods if p.ip is not None and not p.host_network)
-    index = _PodIndex(pods)
-    services = {(s.namespace, s.name): s for s in snapshot.services}
-    namespaces = {n.name: n for n in snapshot.namespaces}
-    endpoints = dict(snapshot.endpoints)
     problems: list[Problem] = []
 
     cluster: list[IPv4Network] = list(config.cluster_cidrs)
@@ -412,13 +473,18 @@ def compute_desired(
             cluster.append(IPv4Network(n.internal_ip))
 
     # Who owns each egress IP, and which node is its gateway.
-    policies = oldest_first(snapshot.policies)
-    tenancy = judge_tenancy(
-        policies,
-        pools=snapshot.pools,
-        namespaces={n.name: dict(n.labels) for n in snapshot.namespaces},
-        require_pool=config.require_pool,
-    )
+    policies, tenancy = _tenancy(snapshot, config.require_pool)
+    selector = _Selector(snapshot, tenancy)
+    pods, services, endpoints = selector.pods, selector.services, selector.endpoints
+    # Published: other nodes' selected pods, by rule (this node's own are selected here).
+    remote_members: dict[tuple[EgressIPRef, int], list[Pod]] | None = None
+    if snapshot.members is not None:
+        remote_members = defaultdict(list)
+        for m in snapshot.members:
+            if m.node != me:
+                remote_members[(m.ref, m.rule)].append(
+                    Pod(namespace=m.ref.namespace, name=str(m.ip), node=m.node, ip=m.ip)
+                )
     owner = tenancy.owners
     listed = {e for pol in policies for r in pol.spec.rules for e in r.egress_ips}
     gateway_of: dict[IPAddress, NodeName] = {}
@@ -461,15 +527,10 @@ def compute_desired(
             refused = [e for e in mine if not tenancy.claim(pol.ref, e).granted]
             conflicted = [e for e in mine if owner.get(e) != pol.ref and e not in refused]
             usable = [e for e in mine if owner.get(e) == pol.ref and e in gateway_of]
-            selected = _select(
-                pol,
-                rule,
-                index=index,
-                services=services,
-                namespaces=namespaces,
-                endpoints=endpoints,
-                tenancy=tenancy,
-            )
+            selected = selector.select(pol, rule)
+            if remote_members is not None:
+                selected = [p for p in selected if p.node == me]
+                selected += remote_members.get((pol.ref, rule.index), [])
             picks = [
                 (p, usable[stable_bucket(p.ip, len(usable))] if usable and p.ip else None)
                 for p in selected

@@ -34,6 +34,7 @@ def test_the_product_is_accepted_by_the_api_server(kubectl: Callable[..., str]) 
         "namespace/staticegress-system",
         "customresourcedefinition.apiextensions.k8s.io/staticegressips.staticegressips.io",
         "customresourcedefinition.apiextensions.k8s.io/staticegressippools.staticegressips.io",
+        "customresourcedefinition.apiextensions.k8s.io/staticegressipmembers.staticegressips.io",
         "clusterrole.rbac.authorization.k8s.io/staticegress-edit",
         "clusterrole.rbac.authorization.k8s.io/staticegress-view",
         "validatingadmissionpolicy.admissionregistration.k8s.io/staticegress-pools",

@@ -292,6 +292,7 @@ def test_the_product_installs_pools_their_admission_policy_and_the_tenant_roles(
 ) -> None:
     crds = [d["metadata"]["name"] for d in product if d["kind"] == "CustomResourceDefinition"]
     assert sorted(crds) == [
+        "staticegressipmembers.staticegressips.io",
         "staticegressippools.staticegressips.io",
         "staticegressips.staticegressips.io",
     ]

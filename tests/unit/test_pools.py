@@ -195,11 +195,12 @@ def test_pool_selectors_validate_like_the_static_egress_ip_selectors() -> None:
     assert _strip_descriptions(pool_conditions) == _strip_descriptions(conditions)
 
 
-def test_install_covers_both_crds_static_egress_ip_first() -> None:
+def test_install_covers_every_crd_static_egress_ip_first() -> None:
     names = [c["metadata"]["name"] for c in manifests.crds()]
     assert names == [
         "staticegressips.staticegressips.io",
         "staticegressippools.staticegressips.io",
+        "staticegressipmembers.staticegressips.io",
     ]
 
 
