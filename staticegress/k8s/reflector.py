@@ -34,7 +34,8 @@ Invariants:
   `namespace/name` (or `name` for cluster-scoped kinds), trimmed by `trim`
   when one is given (`k8s.trim`: the fields the parsers read, in the API's
   shape); parsing into validated types is the caller's job, at its own edge;
-- a list is read in pages of `page_size` objects (limit/continue), so the
+- a list is read in pages of `page_size` objects (limit/continue; 100 by
+  default: one page of realistic Nodes is about 1 MB of JSON), so the
   largest body held at once is one page, not the whole cluster; the store
   is replaced only once the last page arrived, and the watch resumes from
   the list's resourceVersion (every page of one list shares it);
@@ -101,7 +102,7 @@ class Reflector:
         idle_limit: float = IDLE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
         trim: Trim | None = None,
-        page_size: int | None = 500,
+        page_size: int | None = 100,
     ) -> None:
         self.name = name
         self._trim = trim

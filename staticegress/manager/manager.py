@@ -218,6 +218,7 @@ class Manager:
                 list_fn=core.list_pod_for_all_namespaces,
                 on_change=selection_poke,
                 trim=trim_pod,
+                page_size=500,  # every pod: fewer, larger pages
             ),
             "endpointslices": Reflector(
                 name="endpointslices",
