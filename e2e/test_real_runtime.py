@@ -6,8 +6,10 @@ In order, on one lab per CNI mode: the install gives Ready pods with the real
 securityContext and served probes; selection and destination scoping; an
 agent container killed and restarted without a leak; a killed gateway fails
 over; a rebooted node holds its selected pods until its agent has synced, so
-not one packet leaves with the node IP; uninstall leaves every node as it was
-before the install; and `lab down` leaves the host as it was before `lab up`.
+not one packet leaves with the node IP, even from a pod whose new address a
+stale (pre-reboot) status of an unselected pod still shows; uninstall leaves
+every node as it was before the install; and `lab down` leaves the host as it
+was before `lab up`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +386,17 @@ def test_reboot_holds_selected_pods_until_the_agent_synced(world: dict[str, Any]
         lab.kubectl("delete", "staticegressip", "boot", "--ignore-not-found", check=False)
 
 
-def _reboot_and_count_sources(lab: Lab, node: str, image: str, cni: str) -> None:
+def _reboot_and_count_sources(
+    lab: Lab,
+    node: str,
+    image: str,
+    cni: str,
+    *,
+    before_reboot: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Reboot `node` under two selected pods sending all along; fail on any of
+    their packets that reached the server with another source. Returns the
+    pods as they are once back."""
     lab.apply(egress_lab_object("boot", [EIP_BOOT], SERVER, app="booter"))
     lab.apply(boot_deployment(node, image))
     wait_for("booter pods", lambda: lab.ready_pods("app=booter", 2), seconds=120)
@@ -407,6 +420,8 @@ def _reboot_and_count_sources(lab: Lab, node: str, image: str, cni: str) -> None
         )  # fmt: skip
         try:
             time.sleep(2.0)
+            if before_reboot is not None:
+                before_reboot()
             rebooted = time.time()
             staticegress("lab", "node", "reboot", node)
             booted = time.monotonic()
@@ -420,6 +435,7 @@ def _reboot_and_count_sources(lab: Lab, node: str, image: str, cni: str) -> None
             cap.wait(timeout=10)
         capture.seek(0)
         out = capture.read()
+    now = pods(lab, "default", "app=booter")
     sources: dict[str, int] = {}
     spans: dict[str, tuple[float, float]] = {}
     leaks: list[str] = []
@@ -446,10 +462,7 @@ def _reboot_and_count_sources(lab: Lab, node: str, image: str, cni: str) -> None
     # Seen again once the pods are back: the capture covers the whole reboot.
     assert spans[EIP_BOOT][1] > back + 5.0, when
     if leaks:
-        booters = [
-            (p["metadata"]["name"], p["status"].get("podIP"))
-            for p in pods(lab, "default", "app=booter")
-        ]
+        booters = [(p["metadata"]["name"], p["status"].get("podIP")) for p in now]
         logs = lab.kubectl(
             "logs", "-n", NS, agent_pod(lab, node)["metadata"]["name"], "--tail=80", check=False
         )
@@ -458,6 +471,149 @@ def _reboot_and_count_sources(lab: Lab, node: str, image: str, cni: str) -> None
             f"leaked packets (time after the reboot, source) first {leaks[:5]}, last {leaks[-5:]}; "
             f"booter pods now {booters}; the agent's log on {node}:\n{logs}"
         )
+    return now
+
+
+STALLED = 4
+"""Pods whose addresses stay stale after the reboot: as many as the pods that
+get a new sandbox on the rebooted node (the two booters, and in a whole run a
+client and perhaps the unselected pod), so each new sandbox takes one."""
+
+UNREPORTED = "staticegress-test-unreported"
+"""The admission policy (and binding) that refuses kubelet's status writes for
+the stalled pods."""
+
+
+def unreported_policy() -> str:
+    """Refuse every status write for `app=stalled` pods: their statuses stay as
+    they were before the reboot, as while kubelet has not written them again
+    (kubelet starting, throttled, or slow to reach the API server)."""
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": UNREPORTED},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["UPDATE"],
+                        "resources": ["pods/status"],
+                    }
+                ],
+                "objectSelector": {"matchLabels": {"app": "stalled"}},
+            },
+            "validations": [{"expression": "false", "message": "not reported yet (test)"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": UNREPORTED},
+        "spec": {"policyName": UNREPORTED, "validationActions": ["Deny"]},
+    }
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]})
+
+
+def _status_refused(lab: Lab) -> bool:
+    """Whether the policy is in force: a status write (dry run) is refused by it."""
+    try:
+        lab.kubectl(
+            "patch", "pod", "stalled-0", "--subresource=status", "--type=merge",
+            "-p", '{"status":{"message":"probe"}}', "--dry-run=server",
+        )  # fmt: skip
+    except AssertionError as exc:
+        return "not reported yet" in str(exc)
+    return False
+
+
+def stalled_pods(node: str, image: str) -> str:
+    """Unselected pods on `node` whose sandboxes cannot be made again after a
+    reboot (their ConfigMap volume is gone by then), so they take no address
+    from the node's IPAM."""
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "stalled"}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"labels": {"app": "stalled"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "containers": [
+                {
+                    "name": "idle",
+                    "image": image,
+                    "command": ["python3", "-c", "import time; time.sleep(1e9)"],
+                    "volumeMounts": [{"name": "config", "mountPath": "/config"}],
+                }
+            ],
+            "volumes": [{"name": "config", "configMap": {"name": "stalled"}}],
+        },
+    }
+    named = [
+        {**pod, "metadata": {**pod["metadata"], "name": f"stalled-{i}"}} for i in range(STALLED)
+    ]
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [config, *named]})
+
+
+def test_reboot_never_trusts_a_stale_address_a_new_selected_pod_took(
+    world: dict[str, Any],
+) -> None:
+    """After a reboot every local Pod shows its old address until kubelet
+    writes its status again, and the IPAM may give one of those addresses to
+    a new sandbox meanwhile. Made certain here: unselected pods keep their
+    pre-reboot statuses (an admission policy refuses kubelet's writes, as if
+    it had not got to them yet) and take no address (their sandboxes cannot
+    come back), and the node's IPAM (host-local, whose leases survive a
+    reboot) is set to hand exactly their addresses out first, as one whose
+    leases lived in /run would. The selected pods that get them must be held
+    until kubelet reports them, not let out with the node's IP."""
+    lab: Lab = world["lab"]
+    state = lablib.load_state()
+    assert state is not None
+    node = sorted(set(NODE_IP) - manager_nodes(lab))[0]
+    try:
+        lab.apply(stalled_pods(node, state.image))
+        stalled = wait_for(
+            "the stalled pods", lambda: lab.ready_pods("app=stalled", STALLED), seconds=120
+        )
+        stale = sorted((ip_address(p["status"]["podIP"]) for p in stalled), key=int)
+        # Gone before the reboot: their volumes, and so their sandboxes, cannot
+        # be set up again, and kubelet keeps showing their old addresses.
+        lab.kubectl("delete", "configmap", "stalled")
+        lab.apply(unreported_policy())
+        wait_for("kubelet's status writes refused", lambda: _status_refused(lab), seconds=30)
+        leases = realnode.node_dir(node) / "cni-state" / "networks" / realnode.CNI_NETWORK
+
+        def hand_out_stale_addresses() -> None:
+            # The first addresses handed out after the reboot are the stalled
+            # pods' (any reserved one in between is skipped).
+            for ip in stale:
+                (leases / str(ip)).unlink()
+            (leases / "last_reserved_ip.0").write_text(str(stale[0] - 1))
+
+        booters = _reboot_and_count_sources(
+            lab, node, state.image, world["cni"], before_reboot=hand_out_stale_addresses
+        )
+        taken = {p["status"].get("podIP") for p in booters}
+        shown = {p["status"].get("podIP") for p in pods(lab, "default", "app=stalled")}
+        print(f"\nstale addresses {[str(ip) for ip in stale]}; the booters took {sorted(taken)}")
+        # The case this test is for did arise: the selected pods were given
+        # addresses that stale statuses of unselected pods still showed.
+        assert taken <= {str(ip) for ip in stale}, (taken, stale)
+        assert taken <= shown, (taken, shown)
+    finally:
+        lab.kubectl("delete", "deployment", "booter", "--wait=true", "--timeout=60s", check=False)
+        lab.kubectl("delete", "staticegressip", "boot", "--ignore-not-found", check=False)
+        # The policy first: kubelet writes the pods' status to finish deleting them.
+        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+            lab.kubectl("delete", kind, UNREPORTED, "--ignore-not-found", check=False)
+        lab.kubectl(
+            "delete", "pods", "-l", "app=stalled", "--wait=true", "--timeout=60s", check=False
+        )
+        lab.kubectl("delete", "configmap", "stalled", "--ignore-not-found", check=False)
 
 
 def test_uninstall_leaves_every_node_as_before(world: dict[str, Any]) -> None:

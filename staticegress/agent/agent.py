@@ -19,7 +19,10 @@ the record over and never waits for that write (`k8s.agentreport`).
 Every watch callback only pokes the runner; `sync()` recomputes everything
 from the stores. Nothing is programmed before every reflector has completed
 its first list: an empty store means "not known yet" and must never replace a
-working dataplane with an empty one.
+working dataplane with an empty one. A local pod's address counts only once
+kubelet has reported its sandbox since the node booted (`model.boot`): after
+a reboot every local Pod still shows its old address, which a new sandbox may
+have been given.
 
 Apply order within one sync, chosen so no packet finds a half-built path:
 1. netlink "add": tunnel, neighbours, FDB, routes and rules that are missing;
@@ -84,6 +87,7 @@ from staticegress.dataplane.host import (
     find_uplink,
     labelled_uplinks,
     prepare_sysctls,
+    read_boot_time,
     restore_sysctls,
     sysctl_fix,
 )
@@ -110,6 +114,7 @@ from staticegress.k8s.trim import (
     trim_pod,
     trim_service,
 )
+from staticegress.model.boot import trust_since_boot
 from staticegress.model.desired import AgentConfig, DesiredState, Snapshot, compute_desired
 from staticegress.model.programmed import AgentRecord, agent_record
 from staticegress.render.lease import delete_lease_tables, render_lease_tables
@@ -221,9 +226,10 @@ class Agent:
             [list[IPv4Address], list[IPv4Address], list[IPv4Network]], Awaitable[int]
         ]
         | None = None,
+        boot_time: Callable[[], int] | None = None,
     ) -> None:
-        """`nft`, `netlink`, `announcer`, `flusher` and `repairer` stand in for the
-        kernel in tests."""
+        """`nft`, `netlink`, `announcer`, `flusher`, `repairer` and `boot_time`
+        stand in for the kernel in tests."""
         self.api = api
         self.opts = opts
         self.node = NodeName(opts.node)
@@ -301,6 +307,9 @@ class Agent:
         self._announce = announcer or self._garp
         self._flush = flusher or self._flush_conntrack
         self._repair = repairer or self._repair_conntrack
+        self._boot_time = boot_time or read_boot_time
+        self._unreported: frozenset[tuple[str, str]] = frozenset()
+        """Local pods (namespace, name) whose address the last sync did not trust."""
         self._repair_all = True
         """Look for misNATed connections of every steered pod after the next
         applied sync: at start (the previous agent's view is unknown) and after
@@ -318,6 +327,12 @@ class Agent:
                 "member_objects_ignored",
                 "gauge",
                 "Published StaticEgressIPMembers objects left out as unreadable or stale.",
+            ),
+            (
+                "pods_unreported",
+                "gauge",
+                "Local pods whose status shows an address but whose sandbox kubelet has "
+                "not reported since the node booted: their addresses count as unknown.",
             ),
             ("rules_programmed", "gauge", "Rules with at least one pod programmed here."),
             ("egress_ips_owned", "gauge", "Egress IPs this node holds."),
@@ -495,6 +510,7 @@ class Agent:
         )
         if "members" in stores:
             snap = self._with_published_selection(snap, stores["members"])
+        snap = self._trust_since_boot(snap)
         config = AgentConfig(
             node=self.node,
             transport=self.transport or "direct",
@@ -517,6 +533,35 @@ class Agent:
             self.keeper.set_mine(frozenset(desired.named))
         self.metrics.set("fenced", 1 if self.withheld else 0)
         return desired, invalid, snap
+
+    def _trust_since_boot(self, snap: Snapshot) -> Snapshot:
+        """`snap` without the addresses of local pods kubelet has not reported
+        since the boot (`model.boot`); logs when that set changes."""
+        try:
+            boot = self._boot_time()
+        except (OSError, ValueError) as exc:
+            # Without the boot time no local address can be vouched for.
+            raise TemporaryError(f"cannot read the node's boot time: {exc}") from exc
+        trusted, stale = trust_since_boot(snap, node=self.node, boot=boot)
+        self.metrics.set("pods_unreported", len(stale))
+        names = frozenset((p.namespace, p.name) for p in stale)
+        if names != self._unreported:
+            if stale:
+                shown = ", ".join(f"{p.namespace}/{p.name} ({p.ip})" for p in stale[:5])
+                more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
+                log.info(
+                    "node=%s %d local pods not reported by kubelet since the boot at %d, "
+                    "their addresses count as unknown (new pods there are held): %s%s",
+                    self.node,
+                    len(stale),
+                    boot,
+                    shown,
+                    more,
+                )
+            else:
+                log.info("node=%s every local pod reported by kubelet since the boot", self.node)
+            self._unreported = names
+        return trusted
 
     def _with_published_selection(self, snap: Snapshot, shards: Any) -> Snapshot:
         """`snap` (this node's pods only) with the manager's published selection."""

@@ -20,14 +20,24 @@ ending pod: the kubelet tore its network down). An ending pod's address may
 then be reused by a new pod: the model gives an address to a live pod over
 an ending one.
 
+A pod's address is only as fresh as the kubelet's last report of its
+sandbox: kubelet writes podIPs together with the sandbox's status (after a
+reboot, every pod of the node shows its pre-reboot address until kubelet
+writes its status again).
+`Pod.sandbox_since` is when kubelet last reported the sandbox up, for the
+agent to tell this boot's addresses from stale ones
+(`staticegress.model.boot`).
+
 EndpointSlice endpoints count whatever their conditions: a terminating
 endpoint is a pod that still sends.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from typing import Any
 
@@ -74,6 +84,13 @@ class Pod:
     """Deletion requested (deletionTimestamp set): still running its grace period."""
     finished: bool = False
     """Phase Succeeded or Failed: its containers are done, its sandbox may not be."""
+    sandbox_since: int | None = None
+    """Since when kubelet reports this pod's sandbox up, in Unix seconds: the
+    lastTransitionTime of its PodReadyToStartContainers condition while True.
+    Without that condition (kubelets that do not write it), the latest start of
+    any of its containers, which runs in the sandbox the same report's podIPs
+    belong to. None: no report says the sandbox is up (the condition is False,
+    or neither is there)."""
 
     @property
     def ending(self) -> bool:
@@ -120,6 +137,45 @@ def _condition(status: Mapping[str, Any], kind: str) -> str | None:
     return None
 
 
+def _seconds(value: Any) -> int | None:
+    """An RFC 3339 time (`2026-12-03T07:20:39Z`) as whole Unix seconds."""
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        return None  # the API server always writes a zone: anything else is not its
+    return math.floor(t.timestamp())
+
+
+_CONTAINER_STATUSES = (
+    "initContainerStatuses",
+    "containerStatuses",
+    "ephemeralContainerStatuses",
+)
+
+
+def _sandbox_since(status: Mapping[str, Any]) -> int | None:
+    """See `Pod.sandbox_since`."""
+    for c in status.get("conditions") or []:
+        if isinstance(c, Mapping) and c.get("type") == "PodReadyToStartContainers":
+            return _seconds(c.get("lastTransitionTime")) if c.get("status") == "True" else None
+    starts: list[int] = []
+    for key in _CONTAINER_STATUSES:
+        for cs in status.get(key) or []:
+            state = cs.get("state") if isinstance(cs, Mapping) else None
+            if not isinstance(state, Mapping):
+                continue
+            for phase in ("running", "terminated"):
+                detail = state.get(phase)
+                started = _seconds(detail.get("startedAt")) if isinstance(detail, Mapping) else None
+                if started is not None:
+                    starts.append(started)
+    return max(starts, default=None)
+
+
 def parse_pod(obj: Mapping[str, Any]) -> Pod | None:
     """A pod, ending ones included; None for one whose network is gone, or malformed."""
     meta = obj.get("metadata") or {}
@@ -143,6 +199,7 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod | None:
         host_network=bool(spec.get("hostNetwork")),
         terminating=terminating,
         finished=finished,
+        sandbox_since=_sandbox_since(status),
     )
 
 

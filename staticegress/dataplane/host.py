@@ -1,6 +1,8 @@
 """Node-level facts and settings: the uplink, kernel knobs, gratuitous ARP.
 
 - `find_uplink`: the interface that holds the node's InternalIP, with its MTU;
+- `read_boot_time`: when the node's kernel booted, to tell the pod addresses
+  kubelet reported this boot from stale ones (`staticegress.model.boot`);
 - `prepare_sysctls`: a gateway forwards steered packets back out of the
   interface they came in on, which makes the kernel send ICMP redirects; a
   director that honoured one would cache a route around its gateway and leak
@@ -76,6 +78,23 @@ async def find_uplink(ip: IPv4Address, *, netns: str | None = None) -> Uplink:
                     routers=frozenset(routers),
                 )
     raise RuntimeError(f"no interface holds the node address {ip}")
+
+
+PROC_STAT = Path("/proc/stat")
+
+
+def read_boot_time(path: Path = PROC_STAT) -> int:
+    """The node's boot time in whole Unix seconds (`btime`). Raises `OSError`.
+
+    The kernel's own figure: the same in every container of the node (and it
+    follows the time namespace, which is how the lab's nodes boot on one
+    kernel), whole seconds like the times kubelet writes, and derived from the
+    current clock, so a clock stepped since the boot moves it with the clock."""
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "btime":
+            return int(value)
+    raise OSError(f"no btime in {path}")
 
 
 ADDRESS_LABEL_SUFFIX = address_label("")

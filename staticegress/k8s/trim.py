@@ -58,9 +58,32 @@ def _with_conditions(status: Any, keys: tuple[str, ...]) -> Json:
     return out
 
 
+_CONTAINER_STATUSES = ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
+
+
+def _container_starts(statuses: Any) -> list[Json]:
+    """Each container status's current state, with only when it started."""
+    out: list[Json] = []
+    for cs in statuses if isinstance(statuses, list) else []:
+        state = cs.get("state") if isinstance(cs, Mapping) else None
+        kept = {
+            phase: _pick(detail, ("startedAt",))
+            for phase, detail in (state.items() if isinstance(state, Mapping) else ())
+            if phase in ("running", "terminated") and isinstance(detail, Mapping)
+        }
+        out.append({"state": kept})
+    return out
+
+
 def trim_pod(obj: Json) -> Json:
-    """Identity, node, labels, network and lifecycle: what `parse_pod` reads."""
-    out_status = _with_conditions(obj.get("status"), ("phase", "podIP", "podIPs"))
+    """Identity, node, labels, network and lifecycle, and when its sandbox was
+    last reported up (its conditions, and its containers' start times for
+    kubelets without the sandbox condition): what `parse_pod` reads."""
+    status = obj.get("status")
+    out_status = _with_conditions(status, ("phase", "podIP", "podIPs"))
+    for key in _CONTAINER_STATUSES:
+        if isinstance(status, Mapping) and status.get(key):
+            out_status[key] = _container_starts(status[key])
     return {
         **_head(obj),
         "metadata": _meta(obj, deletion=True),

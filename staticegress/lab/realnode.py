@@ -1,7 +1,7 @@
 """Lab nodes on a real container runtime: kubelet, containerd, runc, the CNI
 plugins and kube-proxy (nftables mode), one set per node.
 
-A node is three namespaces, made by one holder process:
+A node is four namespaces, made by one holder process:
 
 - the node's network namespace on the lab underlay (built as for the netns
   runtime, so `lab node kill|partition` and the probes work the same);
@@ -12,7 +12,11 @@ A node is three namespaces, made by one holder process:
   the runtime hands to containers, and the product's hostPath volumes land in
   this node's directories, not the host's;
 - a PID namespace whose init is `lab node-init`. Killing the holder kills
-  the whole node, containers included, the way pulling the plug would.
+  the whole node, containers included, the way pulling the plug would;
+- a time namespace whose boot clock starts at zero when the node boots, so
+  everything on the node, containers included, sees the node's own boot time
+  (/proc/uptime, `btime` in /proc/stat), as after a real boot: the agent
+  trusts only pod addresses kubelet reported since then.
 
 `lab node-init` mounts, starts containerd, imports the lab's images, then
 starts kubelet, kube-proxy and the lab's route daemon (`lab cni`), and
@@ -368,9 +372,16 @@ def wipe_volatile(name: str) -> None:
         (base / sub).mkdir(parents=True, exist_ok=True)
 
 
-def holder_argv(node: plan.NodePlan, cni: plan.CNI, nodes: int) -> list[str]:
+def holder_argv(
+    node: plan.NodePlan, cni: plan.CNI, nodes: int, *, uptime: float | None = None
+) -> list[str]:
     """The command that boots one node: enter its network namespace, make its
-    mount and PID namespaces, and run `lab node-init` as their init."""
+    mount, PID and time namespaces, and run `lab node-init` as their init.
+
+    The time namespace's boot clock is offset by the host's `uptime` (read
+    now unless given), whole seconds down, so the node's clock starts within a
+    second after zero (the kernel refuses an offset that makes it negative)."""
+    host_up = uptime if uptime is not None else host_uptime()
     return [
         "nsenter",
         f"--net=/run/netns/{node.netns}",
@@ -382,6 +393,8 @@ def holder_argv(node: plan.NodePlan, cni: plan.CNI, nodes: int) -> list[str]:
         "--pid",
         "--fork",
         "--mount-proc",
+        "--time",
+        f"--boottime=-{int(host_up)}",
         # The init dies with the holder, and every process of the node with it.
         "--kill-child=SIGKILL",
         "--",
@@ -397,6 +410,11 @@ def holder_argv(node: plan.NodePlan, cni: plan.CNI, nodes: int) -> list[str]:
         "--cni",
         cni,
     ]
+
+
+def host_uptime() -> float:
+    """Seconds since the host booted, as its boot clock counts them."""
+    return float(Path("/proc/uptime").read_text().split()[0])
 
 
 def node_init_pid(name: str) -> int | None:

@@ -1,16 +1,22 @@
 """The agent's sync with in-memory fakes for the kernel (no root, no API server):
 an egress IP the status gives the node is held only while a grant covers it,
-the lease tables ride in every batch, and a lapsed grant is let go."""
+the lease tables ride in every batch, and a lapsed grant is let go; after a
+reboot, a local pod's address counts only once kubelet has reported its
+sandbox since the boot."""
 
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, ip_address
+from collections.abc import Callable
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, ip_address, ip_network
 from typing import Any
 
+import pytest
 from kubernetes_asyncio import client
 
 from staticegress.agent.agent import Agent, AgentOptions
+from staticegress.agent.sync import TemporaryError
 from staticegress.dataplane.host import Uplink
 from staticegress.dataplane.netlink import ApplyResult
 from staticegress.model.desired import stable_bucket
@@ -19,6 +25,21 @@ from staticegress.render.lease import LEASE_TABLE
 from staticegress.render.netlink import NetlinkSpec
 
 X = ip_address("198.51.100.200")
+
+BOOT = 1_796_000_000
+"""The node's boot in the fixtures (2026-11-30T00:53:20Z), as the kernel gives it."""
+
+
+def rfc3339(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sandbox_reported(at: int, *, up: bool = True) -> list[dict[str, str]]:
+    """A pod's conditions once kubelet reported its sandbox up (or not) at `at`."""
+    status = "True" if up else "False"
+    return [
+        {"type": "PodReadyToStartContainers", "status": status, "lastTransitionTime": rfc3339(at)}
+    ]
 
 
 class FakeNft:
@@ -64,6 +85,7 @@ def pod(i: int) -> dict[str, Any]:
             "phase": "Running",
             "podIP": f"10.244.{i}.5",
             "podIPs": [{"ip": f"10.244.{i}.5"}],
+            "conditions": sandbox_reported(BOOT + 30),
         },
     }
 
@@ -104,7 +126,23 @@ FLUSHED: list[list[IPv4Address]] = []
 REPAIRED: list[list[IPv4Address]] = []
 
 
-def make_agent(ownership: str = "grants", **options: Any) -> tuple[Agent, FakeNft, FakeNetlink]:
+class BootClock:
+    """The kernel's boot time as the agent reads it; `t` is moved by a test."""
+
+    def __init__(self, t: int = BOOT) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def make_agent(
+    ownership: str = "grants",
+    *,
+    boot: BootClock | None = None,
+    boot_time: Callable[[], int] | None = None,
+    **options: Any,
+) -> tuple[Agent, FakeNft, FakeNetlink]:
     """An agent of node-1 with its stores filled; `options` go to AgentOptions."""
     nft, netlink = FakeNft(), FakeNetlink()
     announced: list[IPv4Address] = []
@@ -137,6 +175,7 @@ def make_agent(ownership: str = "grants", **options: Any) -> tuple[Agent, FakeNf
         announcer=announce,
         flusher=flush,
         repairer=repair,
+        boot_time=boot_time or boot or BootClock(),
     )
     stores = {
         "nodes": {f"node-{i}": node(i) for i in (1, 2, 3)},
@@ -332,4 +371,99 @@ async def test_misnated_connections_are_looked_for_only_when_a_known_pod_becomes
     assert len(REPAIRED[2]) == 5
     await agent.sync(True)
     assert len(REPAIRED) == 3
+    await agent.api.close()
+
+
+UNSELECTED = {"app": "plain"}
+SERVER_NET = ip_network("203.0.113.10/32")
+
+
+def local_pod(
+    name: str, ip: str, conditions: list[dict[str, str]], labels: Any = UNSELECTED
+) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": "default", "name": name, "labels": labels},
+        "spec": {"nodeName": "node-1"},
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": conditions,
+        },
+    }
+
+
+async def test_after_a_reboot_a_stale_status_does_not_make_its_address_known() -> None:
+    """node-1 rebooted: every local Pod still shows its pre-reboot address. The
+    IPAM may give one of them (10.244.1.7, an unselected pod's) to a new
+    selected pod before kubelet reports anything; that address must not count
+    as known, or the new pod is neither held nor steered and leaves with the
+    node's IP."""
+    boot = BootClock(BOOT + 100)  # every report in the fixtures predates it
+    agent, _, _ = make_agent("status-only", boot=boot)
+    pods = agent.reflectors["pods"].store
+    pods["default/stale"] = local_pod("stale", "10.244.1.7", sandbox_reported(BOOT + 50))
+    await agent.sync(True)
+    desired = agent.applied
+    assert desired is not None
+    assert SERVER_NET in desired.held_destinations
+    assert ip_address("10.244.1.7") not in desired.known_local_pods
+    assert ip_address("10.244.1.5") not in desired.known_local_pods
+    # The selected local pod's old address is not steered either: its new
+    # sandbox's traffic is held until kubelet reports it.
+    assert desired.rules[0].steer == ()
+    # Other nodes' pods are not this boot's to judge: still SNATed here.
+    assert dict(desired.rules[0].snat) == {
+        ip_address("10.244.2.5"): X,
+        ip_address("10.244.3.5"): X,
+    }
+    assert agent.metrics.get("pods_unreported") == 2
+
+    # kubelet's first status after the boot: no sandbox yet, the old address kept.
+    down = sandbox_reported(BOOT + 101, up=False)
+    pods["default/stale"] = local_pod("stale", "10.244.1.7", down)
+    await agent.sync(False)
+    desired = agent.applied
+    assert desired is not None
+    assert ip_address("10.244.1.7") not in desired.known_local_pods
+
+    # The new sandboxes reported, one of them in the boot's own second.
+    pods["default/stale"] = local_pod("stale", "10.244.1.8", sandbox_reported(BOOT + 100))
+    client = pod(1)
+    client["status"]["conditions"] = sandbox_reported(BOOT + 102)
+    pods["default/client-1"] = client
+    await agent.sync(False)
+    desired = agent.applied
+    assert desired is not None
+    assert desired.known_local_pods == (ip_address("10.244.1.5"), ip_address("10.244.1.8"))
+    assert dict(desired.rules[0].steer) == {ip_address("10.244.1.5"): "local"}
+    assert agent.metrics.get("pods_unreported") == 0
+    await agent.api.close()
+
+
+async def test_an_agent_restart_without_a_reboot_keeps_every_pod_known() -> None:
+    """Same boot: every running pod's sandbox was reported since it, so a new
+    agent trusts them all at once and holds nothing that runs."""
+    for _ in range(2):  # the first agent, then its replacement
+        agent, _, _ = make_agent("status-only", boot=BootClock(BOOT))
+        pods = agent.reflectors["pods"].store
+        pods["default/plain"] = local_pod("plain", "10.244.1.7", sandbox_reported(BOOT))
+        await agent.sync(True)
+        desired = agent.applied
+        assert desired is not None
+        assert desired.known_local_pods == (ip_address("10.244.1.5"), ip_address("10.244.1.7"))
+        assert dict(desired.rules[0].steer) == {ip_address("10.244.1.5"): "local"}
+        assert agent.metrics.get("pods_unreported") == 0
+        await agent.api.close()
+
+
+async def test_without_the_boot_time_nothing_is_programmed() -> None:
+    def unreadable() -> int:
+        raise OSError("no /proc/stat")
+
+    agent, nft, _ = make_agent("status-only", boot_time=unreadable)
+    with pytest.raises(TemporaryError, match="boot time"):
+        await agent.sync(True)
+    assert agent.applied is None
+    assert nft.batches == []
     await agent.api.close()

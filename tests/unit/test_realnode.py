@@ -5,6 +5,9 @@ A path two nodes share is a race between them: containerd's default NRI socket
 (/var/run/nri/nri.sock) is unlinked and bound by each node's containerd in turn,
 and when nodes boot together one loses with "bind: address already in use" and
 exits. These checks read the configurations the lab writes, as the daemons do.
+
+A node also boots with its own boot clock, so that what runs on it sees the
+node's boot time, not the host's.
 """
 
 from __future__ import annotations
@@ -91,3 +94,12 @@ def test_containerd_host_defaults_are_configured_away() -> None:
         opt = _containerd(node)["plugins"]["io.containerd.internal.v1.opt"]["path"]
         assert PurePosixPath(opt).is_relative_to(realnode.node_dir(node.name)), opt
         assert not any(opt.startswith(d) for d in realnode.HOST_DEFAULTS), opt
+
+
+def test_a_node_boots_with_its_own_boot_clock() -> None:
+    argv = realnode.holder_argv(NODES[0], "direct", 3, uptime=5025.97)
+    unshare = argv[: argv.index("--", argv.index("unshare"))]
+    assert "--time" in unshare
+    # Whole seconds down: the node's clock starts just above zero, never below.
+    assert "--boottime=-5025" in unshare
+    assert realnode.host_uptime() > 0

@@ -201,6 +201,14 @@ CASES = [
     ("service without selector", service(None), trim_service, parse_service),
     ("endpoint slice", endpoint_slice(), trim_endpoint_slice, endpoint_slice_addresses),
     ("namespace", namespace(), trim_namespace, parse_namespace),
+    # Kubelets that do not write PodReadyToStartContainers: the sandbox's
+    # report is read from the containers' start times.
+    (
+        "pod without the sandbox condition",
+        pod(status__conditions=[{"type": "Ready", "status": "True"}]),
+        trim_pod,
+        parse_pod,
+    ),
 ]
 
 
