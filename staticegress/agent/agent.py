@@ -296,6 +296,10 @@ class Agent:
             )
         self._dropped_shards = 0
         self.netns_runner = NetnsRunner(opts.netns)
+        # Conntrack dumps can take seconds on a busy node: on a thread of their
+        # own, so they never delay the grant lease's renewal (which shares the
+        # nftables thread) or the next sync.
+        self.conntrack_runner = NetnsRunner(opts.netns)
         # Every batch goes through the watchdog, which forces a full sync the
         # moment one of our tables is removed or changed behind our back.
         self.nft: NftPort = nft or WatchedNftApplier(
@@ -310,6 +314,9 @@ class Agent:
         self._boot_time = boot_time or read_boot_time
         self._unreported: frozenset[tuple[str, str]] = frozenset()
         """Local pods (namespace, name) whose address the last sync did not trust."""
+        self._repair_queue: set[IPv4Address] = set()
+        self._repair_args: tuple[list[IPv4Address], list[IPv4Network]] = ([], [])
+        self._repair_task: asyncio.Task[None] | None = None
         self._repair_all = True
         """Look for misNATed connections of every steered pod after the next
         applied sync: at start (the previous agent's view is unknown) and after
@@ -651,7 +658,7 @@ class Agent:
             task.add_done_callback(self._announcing.discard)
             log.info("node=%s took egress IP %s; announcing it", self.node, ip)
         await self._forget_moved_flows(desired)
-        await self._repair_misnated(desired)
+        self._repair_misnated(desired)
         self._local_seen = local
         self.slots = {g.node: g.slot for g in desired.gateways}
         if errors:
@@ -671,12 +678,12 @@ class Agent:
         )
 
     async def _flush_conntrack(self, pods: list[IPv4Address], keep: list[IPv4Network]) -> int:
-        return await self.netns_runner.run(lambda: flush_pods(pods, keep))
+        return await self.conntrack_runner.run(lambda: flush_pods(pods, keep))
 
     async def _repair_conntrack(
         self, pods: list[IPv4Address], allowed: list[IPv4Address], keep: list[IPv4Network]
     ) -> int:
-        return await self.netns_runner.run(lambda: flush_misnated(pods, allowed, keep))
+        return await self.conntrack_runner.run(lambda: flush_misnated(pods, allowed, keep))
 
     def _table_lost(self) -> None:
         self._repair_all = True
@@ -691,36 +698,56 @@ class Agent:
             ip for r in desired.rules for ip, _ in r.snat
         )
 
-    async def _repair_misnated(self, desired: DesiredState) -> None:
-        """Delete the connections a steered pod began before it was steered: they
-        kept the CNI's masquerade, which the guard table now drops on every
-        packet, so they would stall. After the first sync and after our table was
-        lost, every steered pod is checked; otherwise only the pods that were
-        already known here, unsteered, and are steered now (a brand-new pod's
-        packets were held, so it has no such connection). One conntrack dump."""
+    @staticmethod
+    def _pieces(desired: DesiredState | None) -> dict[IPv4Address, frozenset[object]]:
+        """Pod -> the destination pieces it is steered or SNATed for, with where to."""
+        out: dict[IPv4Address, set[object]] = {}
+        for ip, net, verdict in (*desired.steer_pieces, *desired.snat_pieces) if desired else ():
+            out.setdefault(ip, set()).add((net, verdict))
+        return {ip: frozenset(v) for ip, v in out.items()}
+
+    def _repair_misnated(self, desired: DesiredState) -> None:
+        """Delete the connections a steered pod began before it was steered for
+        their destination: they kept the CNI's masquerade (or an older egress
+        IP), which the guard table now drops on every packet, so they would
+        stall. After the first sync and after our table was lost, every steered
+        pod is checked; otherwise the pods already known here whose pieces
+        changed (newly steered, a destination added, another egress IP): a
+        brand-new pod's packets were held, so it has no such connection. The
+        work runs in the background, one conntrack dump at a time, so neither
+        the next sync nor anything else waits for it."""
         steered = self._steered(desired)
         if self._repair_all:
-            pods = steered
+            pods = set(steered)
         else:
-            pods = (steered - self._steered(self.applied)) & self._local_seen
+            before, now = self._pieces(self.applied), self._pieces(desired)
+            changed = {ip for ip in steered if now.get(ip) != before.get(ip)}
+            pods = changed & self._local_seen
         self._repair_all = False
         if not pods:
             return
-        try:
-            removed = await self._repair(
-                sorted(pods), list(desired.egress_ips), list(desired.cluster)
-            )
-        except Exception as exc:  # the guard keeps dropping them: never fail the sync
-            log.warning("node=%s cannot delete misNATed connections: %s", self.node, exc)
-            return
-        if removed:
-            self.metrics.inc("misnated_connections_deleted_total", removed)
-            log.warning(
-                "node=%s deleted %d connections of newly steered pods that had been "
-                "masqueraded (they began before the pods were steered)",
-                self.node,
-                removed,
-            )
+        self._repair_queue |= pods
+        self._repair_args = (list(desired.egress_ips), list(desired.cluster))
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.create_task(self._repair_worker())
+
+    async def _repair_worker(self) -> None:
+        while self._repair_queue:
+            pods, self._repair_queue = sorted(self._repair_queue), set()
+            allowed, keep = self._repair_args
+            try:
+                removed = await self._repair(pods, allowed, keep)
+            except Exception as exc:  # the guard keeps dropping them: never fail
+                log.warning("node=%s cannot delete misNATed connections: %s", self.node, exc)
+                continue
+            if removed:
+                self.metrics.inc("misnated_connections_deleted_total", removed)
+                log.warning(
+                    "node=%s deleted %d connections of pods steered anew that had left "
+                    "with another address (they began before the pods were steered there)",
+                    self.node,
+                    removed,
+                )
 
     async def _garp(self, ip: IPv4Address) -> None:
         assert self.uplink is not None

@@ -15,9 +15,10 @@ several rules select towards the same destination follows the first.
 That order is resolved here, not in the kernel: for each pod, the rules that
 select it are cut into disjoint destination pieces (a rule keeps what its
 destinations less its exclusions cover and no earlier rule took), and the
-render looks a packet up once, by pod . destination, in one map. A packet
-pays the same whatever the number of rules or pods; pods selected by the
-same rules share one computation of their pieces.
+render looks a packet up by pod, then by destination among that pod's
+pieces (`staticegress.render.nft`). A packet pays the same whatever the
+number of rules or pods; pods selected by the same rules share one
+computation of their pieces.
 
 An egress IP belongs to the oldest StaticEgressIP whose claim to it a pool
 grants (`staticegress.model.pools`, the same judgement the manager makes); a

@@ -4,23 +4,25 @@ in libnftables JSON. Pure.
 The batch deletes and recreates `table ip staticegress` (and
 `staticegress_guard`) in one transaction (add, delete, add, contents): no
 packet ever sees a half-built table, and a batch the kernel refuses leaves the
-previous tables untouched. Neither the chains nor what a packet walks grow
-with rules or pods: the model resolved rule order, exclusions and the rules'
-overlaps into disjoint pod . destination pieces (`DesiredState.steer_pieces`,
-`snat_pieces`), which are elements of one interval map per direction, so a
-packet costs one hash lookup (is its source a selected pod at all?) and one
-map lookup, whatever the number of rules.
+previous tables untouched. What a packet walks does not grow with rules or
+pods: the model resolved rule order, exclusions and the rules' overlaps into
+disjoint pod . destination pieces (`DesiredState.steer_pieces`,
+`snat_pieces`); pods with the same pieces form a class, and a packet costs one
+hash lookup (its source pod's class, or nothing: the exit for every pod no
+rule selects) and one lookup in its class's interval map, as small as its own
+pod's rules. The number of classes (chains and maps in the table) grows with
+the distinct rule combinations and egress-IP picks, never with pods.
 
 The table, as nft prints it:
 
     table ip staticegress {
       set cluster_ranges        { type ipv4_addr; flags interval }  # never steered
-      set steered_pods          { type ipv4_addr }   # the cheap exit for every other pod
-      map pod_steer             { type ipv4_addr . ipv4_addr : verdict; flags interval }
-                                # local pod . piece -> goto steer_to_gateway_S / accept / drop
-      set snat_pods             { type ipv4_addr }
-      map pod_snat              { type ipv4_addr . ipv4_addr : verdict; flags interval }
-                                # pod . piece -> goto snat_to_N
+      map steer_pods            { type ipv4_addr : verdict }  # local pod -> jump steer_class_K
+      map steer_class_K_dst     { type ipv4_addr : verdict; flags interval }
+                                # destination -> goto steer_to_gateway_S / accept / drop
+      map snat_pods             { type ipv4_addr : verdict }  # pod -> jump snat_class_K
+      map snat_class_K_dst      { type ipv4_addr : verdict; flags interval }
+                                # destination -> goto snat_to_N
       set remote_selected_pods  { type ipv4_addr }
 
       chain steer_to_gateway_S {          # one per remote gateway slot S
@@ -29,12 +31,14 @@ The table, as nft prints it:
       chain snat_to_N {                   # one per egress IP this node owns
         ct mark set ct mark | RETURN snat ip to EGRESS_IP_N
       }
+      chain steer_class_K {               # one per class of local pods (snat_class_K alike)
+        ip daddr != @cluster_ranges ip daddr vmap @steer_class_K_dst
+      }
       chain prerouting {                  # after kube-proxy's DNAT: services are resolved
         type filter hook prerouting priority dstnat + 10; policy accept;
         ip saddr @local_pod_ranges ip saddr != @known_local_pods
           ip daddr @held_destinations ip daddr != @cluster_ranges drop   # not seen yet: hold
-        ip saddr @steered_pods ip daddr != @cluster_ranges
-          ip saddr . ip daddr vmap @pod_steer
+        ip saddr vmap @steer_pods         # jump: an unmatched destination comes back
         ct direction reply ct mark & RETURN == RETURN meta mark set meta mark | RETURN  # vxlan
       }
       chain forward {                     # vxlan: fit TCP into the tunnel's MTU
@@ -44,8 +48,7 @@ The table, as nft prints it:
       chain postrouting {                 # just before the CNI's masquerade (srcnat)
         type nat hook postrouting priority srcnat - 1; policy accept;
         meta mark & SLOTS != 0 snat ip to ip saddr     # director: keep the pod IP
-        ip saddr @snat_pods ip daddr != @cluster_ranges
-          ip saddr . ip daddr vmap @pod_snat              # gateway
+        ip saddr vmap @snat_pods          # gateway
         iifname "segress0" fib saddr type != local drop  # tunnel traffic we did not SNAT
         ip saddr @remote_selected_pods ip daddr != @cluster_ranges drop
         ip saddr @remote_pod_ranges ip daddr @steered_destinations
@@ -60,7 +63,8 @@ The table, as nft prints it:
       set pod_destinations      { type ipv4_addr . ipv4_addr; flags interval }
       chain guard {                       # after every SNAT and MASQUERADE (srcnat + 10)
         type filter hook postrouting priority srcnat + 10; policy accept;
-        ct direction original ct status snat ip saddr != @egress_ips ip saddr != @pods
+        ct direction original ct status snat ct original ip saddr @pods
+          ip saddr != @egress_ips ip saddr != @pods
           ct original ip saddr . ct original ip daddr @pod_destinations
           ct original ip daddr != @cluster_ranges drop
       }
@@ -180,24 +184,75 @@ def _addr_set(name: str, comment: str, addrs: Iterable[IPv4Address], *, table: s
     return _set(name, comment, [str(a) for a in addrs], interval=False, table=table)
 
 
-def _pod_map(name: str, comment: str, elems: list[Any]) -> Json:
-    """A verdict map keyed by pod . destination piece: one lookup per packet."""
+def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> list[Json]:
+    """Pods that share the same pieces (destination -> verdict) form a class: a
+    verdict map from pod to its class's chain (`<kind>_pods`, one hash lookup),
+    and per class a chain with one interval map (`<kind>_class_K`). A packet
+    costs a hash lookup and a lookup in a map as small as its own pod's rules,
+    whatever the number of pods and rules; the number of classes grows with
+    the distinct rule combinations (and egress-IP picks), not with pods.
+    `jump`, not `goto`: a destination outside its pieces returns to the base
+    chain, whose later rules (the guards) still apply."""
+    by_pod: dict[IPv4Address, list[tuple[IPv4Network, Json]]] = {}
+    for ip, net, verdict in pieces:
+        by_pod.setdefault(ip, []).append((net, verdict))
+    keyed = {
+        ip: tuple(sorted(((n, repr(sorted(v.items()))) for n, v in entries), key=str))
+        for ip, entries in by_pod.items()
+    }
+    classes = {key: k for k, key in enumerate(sorted(set(keyed.values()), key=str))}
+    cmds: list[Json] = []
+    verdict_of = {(ip, net): v for ip, net, v in pieces}
+    members: dict[int, IPv4Address] = {}
+    for ip, key in keyed.items():
+        members.setdefault(classes[key], ip)
+    for k in sorted(members):
+        name = f"{kind}_class_{k}"
+        sample = members[k]
+        cmds.append(_chain(name))
+        cmds.append(
+            _map(
+                f"{name}_dst",
+                f"{kind}: destination -> verdict for the pods of class {k}",
+                [[_elem(net), verdict_of[(sample, net)]] for net, _ in by_pod[sample]],
+                interval=True,
+            )
+        )
+        cmds.append(
+            _rule(
+                name,
+                _in_set("daddr", "cluster_ranges", negate=True),
+                {"vmap": {"key": _field("daddr"), "data": f"@{name}_dst"}},
+            )
+        )
+    cmds.append(
+        _map(
+            f"{kind}_pods",
+            f"{kind}: pod -> its class",
+            [
+                [str(ip), {"jump": {"target": f"{kind}_class_{classes[key]}"}}]
+                for ip, key in sorted(keyed.items())
+            ],
+            interval=False,
+        )
+    )
+    return cmds
+
+
+def _map(name: str, comment: str, elems: list[Any], *, interval: bool) -> Json:
     body: Json = {
         "family": FAMILY,
         "table": TABLE,
         "name": name,
-        "type": ["ipv4_addr", "ipv4_addr"],
+        "type": "ipv4_addr",
         "map": "verdict",
-        "flags": ["interval"],
         "comment": comment[:128],
     }
+    if interval:
+        body["flags"] = ["interval"]
     if elems:
         body["elem"] = elems
     return {"add": {"map": body}}
-
-
-def _pod_piece(pod: IPv4Address, net: IPv4Network) -> Json:
-    return {"concat": [str(pod), _elem(net)]}
 
 
 def _chain(name: str, *, table: str = TABLE, **hook: Any) -> Json:
@@ -282,53 +337,29 @@ def render_ruleset(
                 comment=f"egress IP {eip}",
             )
         )
-    pod_dest = {"concat": [_field("saddr"), _field("daddr")]}
     rules_pre: list[Json] = []
     if desired.steer_pieces:
-        cmds += [
-            _addr_set(
-                "steered_pods",
-                "local pods some rule selects: the others leave at once",
-                sorted({ip for ip, *_ in desired.steer_pieces}),
-            ),
-            _pod_map(
-                "pod_steer",
-                "local pod . destination: gateway, here, or drop (first rule wins)",
-                [[_pod_piece(ip, net), _verdict(t)] for ip, net, t in desired.steer_pieces],
-            ),
-        ]
+        cmds += _classes("steer", [(ip, net, _verdict(t)) for ip, net, t in desired.steer_pieces])
         rules_pre.append(
             _rule(
                 "prerouting",
-                _in_set("saddr", "steered_pods"),
-                _in_set("daddr", "cluster_ranges", negate=True),
-                {"vmap": {"key": pod_dest, "data": "@pod_steer"}},
+                {"vmap": {"key": _field("saddr"), "data": "@steer_pods"}},
                 comment="steer selected pods",
             )
         )
     rules_post: list[Json] = []
     if desired.snat_pieces:
-        cmds += [
-            _addr_set(
-                "snat_pods",
-                "pods whose egress IP this node owns",
-                sorted({ip for ip, *_ in desired.snat_pieces}),
-            ),
-            _pod_map(
-                "pod_snat",
-                "pod . destination: the egress IP to SNAT to (first rule wins)",
-                [
-                    [_pod_piece(ip, net), {"goto": {"target": snat_chain[eip]}}]
-                    for ip, net, eip in desired.snat_pieces
-                ],
-            ),
-        ]
+        cmds += _classes(
+            "snat",
+            [
+                (ip, net, {"goto": {"target": snat_chain[eip]}})
+                for ip, net, eip in desired.snat_pieces
+            ],
+        )
         rules_post.append(
             _rule(
                 "postrouting",
-                _in_set("saddr", "snat_pods"),
-                _in_set("daddr", "cluster_ranges", negate=True),
-                {"vmap": {"key": pod_dest, "data": "@pod_snat"}},
+                {"vmap": {"key": _field("saddr"), "data": "@snat_pods"}},
                 comment="SNAT to the egress IPs we own",
             )
         )
@@ -503,6 +534,8 @@ def render_guard(desired: DesiredState) -> list[Json]:
             "guard",
             {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}},
             {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "snat"}},
+            # A hash lookup first: connections of pods nothing guards leave here.
+            {"match": {"op": "==", "left": _ct("ip saddr"), "right": "@pods"}},
             _in_set("saddr", "egress_ips", negate=True),
             # An identity SNAT that had to remap a port sets the status too;
             # its address is still the pod's own.

@@ -194,9 +194,9 @@ def test_reference_table_in_nft_dir_is_current() -> None:
     assert reference.read_text() == (GOLDEN / "mixed.node-1.vxlan.nft").read_text()
 
 
-def _kernel_verdict(ns: str, map_name: str, pod: str, dst: str) -> str | None:
-    """The verdict of the kernel's element covering pod . dst (this nft prints
-    `get element` as text even with -j), or None when no element covers it."""
+def _kernel_element(ns: str, map_name: str, key: str) -> str | None:
+    """The verdict of the kernel's element of `map_name` covering `key` (this nft
+    prints `get element` as text even with -j), or None when none covers it."""
     done = subprocess.run(
         [
             "ip",
@@ -209,7 +209,7 @@ def _kernel_verdict(ns: str, map_name: str, pod: str, dst: str) -> str | None:
             "ip",
             "staticegress",
             map_name,
-            f"{{ {pod} . {dst} }}",
+            f"{{ {key} }}",
         ],
         capture_output=True,
         text=True,
@@ -217,9 +217,20 @@ def _kernel_verdict(ns: str, map_name: str, pod: str, dst: str) -> str | None:
     if done.returncode != 0:
         assert "No such file or directory" in done.stderr, done.stderr
         return None
-    found = re.findall(r"elements = \{ \S+ \. \S+ : (goto \S+|accept|drop) \}", done.stdout)
+    found = re.findall(r"elements = \{ \S+ : ((?:goto|jump) \S+|accept|drop) \}", done.stdout)
     assert len(found) == 1, done.stdout
-    return found[0].removeprefix("goto ")
+    return str(found[0])
+
+
+def _kernel_verdict(ns: str, kind: str, pod: str, dst: str) -> str | None:
+    """What the kernel decides for pod . dst: the pod's class, then the verdict
+    for dst in that class's map, as two lookups in the kernel's own maps."""
+    cls = _kernel_element(ns, f"{kind}_pods", pod)
+    if cls is None:
+        return None
+    assert cls.startswith(f"jump {kind}_class_"), cls
+    verdict = _kernel_element(ns, f"{cls.removeprefix('jump ')}_dst", dst)
+    return verdict.removeprefix("goto ") if verdict else None
 
 
 def test_the_kernel_lookup_gives_the_first_rule(netns: str) -> None:
@@ -236,10 +247,10 @@ def test_the_kernel_lookup_gives_the_first_rule(netns: str) -> None:
         "198.18.0.1": None,  # no rule
     }
     for dst, want in expect_steer.items():
-        assert _kernel_verdict(netns, "pod_steer", "10.244.1.2", dst) == want, dst
+        assert _kernel_verdict(netns, "steer", "10.244.1.2", dst) == want, dst
     # The remote pod: this gateway SNATs only what the younger rule wins.
-    assert _kernel_verdict(netns, "pod_snat", "10.244.3.2", "203.0.113.5") is None
-    assert _kernel_verdict(netns, "pod_snat", "10.244.3.2", "203.0.113.200") == "snat_to_0"
+    assert _kernel_verdict(netns, "snat", "10.244.3.2", "203.0.113.5") is None
+    assert _kernel_verdict(netns, "snat", "10.244.3.2", "203.0.113.200") == "snat_to_0"
     chain = _sh(
         "ip", "netns", "exec", netns, "nft", "list", "chain", "ip", "staticegress", "snat_to_0"
     )

@@ -335,6 +335,12 @@ async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() 
     await agent.api.close()
 
 
+async def _repaired(agent: Agent) -> None:
+    """The conntrack repair runs in the background: wait for it."""
+    if agent._repair_task is not None:
+        await agent._repair_task
+
+
 async def test_misnated_connections_are_looked_for_only_when_a_known_pod_becomes_steered() -> None:
     """A pod known here and unselected had its connections masqueraded; once it is
     steered they must be deleted (the guard drops them). A brand-new pod was held,
@@ -343,6 +349,7 @@ async def test_misnated_connections_are_looked_for_only_when_a_known_pod_becomes
     pods = agent.reflectors["pods"].store
     REPAIRED.clear()
     await agent.sync(True)
+    await _repaired(agent)
     # At start every steered pod is checked: local ones and those SNATed here.
     assert [[ip_address(f"10.244.{i}.5") for i in (1, 2, 3)]] == REPAIRED
 
@@ -352,6 +359,7 @@ async def test_misnated_connections_are_looked_for_only_when_a_known_pod_becomes
     plain["status"]["podIPs"] = [{"ip": "10.244.1.9"}]
     pods["default/plain"] = plain
     await agent.sync(False)
+    await _repaired(agent)
     assert len(REPAIRED) == 1  # unselected: nothing to repair
 
     selected = json.loads(json.dumps(plain))
@@ -363,13 +371,31 @@ async def test_misnated_connections_are_looked_for_only_when_a_known_pod_becomes
     fresh["status"]["podIPs"] = [{"ip": "10.244.1.10"}]
     pods["default/fresh"] = fresh
     await agent.sync(False)
+    await _repaired(agent)
     assert REPAIRED[1:] == [[ip_address("10.244.1.9")]]
+
+    # A destination added to a rule of steered pods: their flows towards it
+    # were masqueraded and the guard now drops them, so the known ones are
+    # looked for again (the local 10.244.1.x; fresh is known by now too).
+    wider = json.loads(json.dumps(POLICY))
+    wider["spec"]["rules"][0]["cidrs"] = ["203.0.113.10/32", "192.0.2.0/24"]
+    del wider["spec"]["rules"][0]["cidr"]
+    wider["metadata"]["resourceVersion"] = "8"
+    agent.reflectors["staticegressips"].store["default/egress"] = wider
+    await agent.sync(False)
+    await _repaired(agent)
+    assert REPAIRED[2:] == [
+        [ip_address("10.244.1.5"), ip_address("10.244.1.9"), ip_address("10.244.1.10")]
+    ]
+    del REPAIRED[2:]
 
     # Our table lost: everything steered is checked again on the next sync.
     agent._table_lost()
     await agent.sync(True)
+    await _repaired(agent)
     assert len(REPAIRED[2]) == 5
     await agent.sync(True)
+    await _repaired(agent)
     assert len(REPAIRED) == 3
     await agent.api.close()
 
