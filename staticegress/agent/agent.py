@@ -503,8 +503,32 @@ class Agent:
 
     # ----------------------------------------------------------------- sync
 
-    def compute(self) -> tuple[DesiredState, list[Invalid], Snapshot]:
-        stores = {k: r.store for k, r in self.reflectors.items()}
+    async def compute(self) -> tuple[DesiredState, list[Invalid], Snapshot]:
+        """The desired state from the stores. The work runs on a thread, off the
+        event loop, so grants keep being answered and renewed while a large
+        cluster is recomputed (a manager takes a node whose acks stop for
+        0.3 s as lagging); the stores are copied first, on the loop, since the
+        reflectors go on changing them."""
+        stores = {k: dict(r.store) for k, r in self.reflectors.items()}
+        granted = self.keeper.held_now() if self.keeper is not None else None
+        desired, invalid, snap = await asyncio.to_thread(
+            self._derive, stores, granted, dict(self.slots)
+        )
+        withheld = frozenset(desired.named) - frozenset(desired.owned)
+        if withheld and not self.withheld:
+            self.metrics.inc("fences_total")
+        self.withheld = withheld
+        if self.keeper is not None:
+            self.keeper.set_mine(frozenset(desired.named))
+        self.metrics.set("fenced", 1 if self.withheld else 0)
+        return desired, invalid, snap
+
+    def _derive(
+        self,
+        stores: dict[str, dict[str, Any]],
+        granted: frozenset[IPAddress] | None,
+        slots: dict[NodeName, int],
+    ) -> tuple[DesiredState, list[Invalid], Snapshot]:
         snap, invalid = build_snapshot(
             cache=self.parse_cache,
             policies=stores["staticegressips"],
@@ -528,17 +552,10 @@ class Agent:
         desired = compute_desired(
             snap,
             config,
-            previous_slots=self.slots,
+            previous_slots=slots,
             withheld=self._never_held(snap),
-            granted=self.keeper.held_now() if self.keeper is not None else None,
+            granted=granted,
         )
-        withheld = frozenset(desired.named) - frozenset(desired.owned)
-        if withheld and not self.withheld:
-            self.metrics.inc("fences_total")
-        self.withheld = withheld
-        if self.keeper is not None:
-            self.keeper.set_mine(frozenset(desired.named))
-        self.metrics.set("fenced", 1 if self.withheld else 0)
         return desired, invalid, snap
 
     def _trust_since_boot(self, snap: Snapshot) -> Snapshot:
@@ -602,7 +619,7 @@ class Agent:
         assert self.transport is not None
         assert self.node_ip is not None
         start = time.perf_counter()
-        desired, invalid, snap = self.compute()
+        desired, invalid, snap = await self.compute()
         self._report_next = agent_record(
             node=self.node,
             policies=snap.policies,
@@ -699,9 +716,11 @@ class Agent:
         )
 
     @staticmethod
-    def _pieces(desired: DesiredState | None) -> dict[IPv4Address, frozenset[object]]:
+    def _pieces(
+        desired: DesiredState | None,
+    ) -> dict[IPv4Address, frozenset[tuple[IPv4Network, object]]]:
         """Pod -> the destination pieces it is steered or SNATed for, with where to."""
-        out: dict[IPv4Address, set[object]] = {}
+        out: dict[IPv4Address, set[tuple[IPv4Network, object]]] = {}
         for ip, net, verdict in (*desired.steer_pieces, *desired.snat_pieces) if desired else ():
             out.setdefault(ip, set()).add((net, verdict))
         return {ip: frozenset(v) for ip, v in out.items()}
@@ -786,15 +805,51 @@ class Agent:
             for ip, path in after.items()
             if path != "drop" or ip in self._used_paths
         }
-        if not moved:
-            return
-        removed = await self._flush(moved, list(desired.cluster))
-        log.info(
-            "node=%s egress path changed for %d pods: %d connections reset",
-            self.node,
-            len(moved),
-            removed,
+        if moved:
+            removed = await self._flush(moved, list(desired.cluster))
+            log.info(
+                "node=%s egress path changed for %d pods: %d connections reset",
+                self.node,
+                len(moved),
+                removed,
+            )
+        await self._forget_withdrawn_pieces(desired, skip=frozenset(moved))
+
+    async def _forget_withdrawn_pieces(
+        self, desired: DesiredState, *, skip: frozenset[IPv4Address]
+    ) -> None:
+        """Reset a pod's connections towards destinations whose verdict changed or
+        went away (a rule removed or narrowed, the pod unselected, another egress
+        IP): their NAT was bound for the old verdict (an identity SNAT, an old
+        egress IP) and would go on with it, stalled or with the wrong address.
+        Destinations that kept their verdict, and the cluster's ranges, keep
+        their connections. Only withdrawals: what was added is the repair's."""
+
+        def keys(d: DesiredState | None) -> dict[IPv4Address, set[tuple[IPv4Network, object]]]:
+            # Steering by destination only: a new path (or a pass through
+            # drop) is `_forget_moved_flows`'s; SNAT by destination and address.
+            out: dict[IPv4Address, set[tuple[IPv4Network, object]]] = {}
+            for ip, net, _ in d.steer_pieces if d else ():
+                out.setdefault(ip, set()).add((net, "steered"))
+            for ip, net, eip in d.snat_pieces if d else ():
+                out.setdefault(ip, set()).add((net, eip))
+            return out
+
+        before, now = keys(self.applied), keys(desired)
+        withdrawn = sorted(
+            ip for ip, had in before.items() if ip not in skip and had - now.get(ip, set())
         )
+        reset = 0
+        for ip in withdrawn:
+            kept = [net for net, _ in before[ip] & now.get(ip, set())]
+            reset += await self._flush([ip], [*desired.cluster, *kept])
+        if withdrawn:
+            log.info(
+                "node=%s destinations withdrawn for %d pods: %d connections reset",
+                self.node,
+                len(withdrawn),
+                reset,
+            )
 
     def _record(self, desired: DesiredState, start: float) -> None:
         self.sync_duration.observe(time.perf_counter() - start)

@@ -123,6 +123,7 @@ class Clock:
 
 
 FLUSHED: list[list[IPv4Address]] = []
+FLUSH_KEPT: list[list[Any]] = []
 REPAIRED: list[list[IPv4Address]] = []
 
 
@@ -152,6 +153,7 @@ def make_agent(
 
     async def flush(pods: list[IPv4Address], keep: list[Any]) -> int:
         FLUSHED.append(pods)
+        FLUSH_KEPT.append(list(keep))
         return len(pods)
 
     async def repair(pods: list[IPv4Address], allowed: list[IPv4Address], keep: list[Any]) -> int:
@@ -332,6 +334,33 @@ async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() 
     await agent.sync(False)
     assert dict(agent.applied.rules[0].steer)[pod_ip] == "local"
     assert [[pod_ip]] == FLUSHED
+    await agent.api.close()
+
+
+async def test_connections_towards_a_withdrawn_destination_are_reset() -> None:
+    """A rule loses a destination: the steered pods' connections towards it were
+    bound to the old path (an identity SNAT, an egress IP) and must start
+    again; those towards what the rule still covers are kept."""
+    agent, _, _ = make_agent("status-only")
+    policies = agent.reflectors["staticegressips"].store
+    wide = json_copy(POLICY)
+    wide["spec"]["rules"][0]["cidrs"] = ["203.0.113.10/32", "192.0.2.0/24"]
+    del wide["spec"]["rules"][0]["cidr"]
+    policies["default/egress"] = wide
+    await agent.sync(True)
+    FLUSHED.clear()
+    FLUSH_KEPT.clear()
+    narrow = json_copy(POLICY)
+    narrow["metadata"]["resourceVersion"] = "9"
+    policies["default/egress"] = narrow
+    await agent.sync(False)
+    assert FLUSHED, "nothing reset"
+    assert all(len(p) == 1 for p in FLUSHED)
+    assert all(ip_network("203.0.113.10/32") in kept for kept in FLUSH_KEPT)
+    assert all(ip_network("192.0.2.0/24") not in kept for kept in FLUSH_KEPT)
+    FLUSHED.clear()
+    await agent.sync(True)  # nothing changed: nothing reset
+    assert FLUSHED == []
     await agent.api.close()
 
 
