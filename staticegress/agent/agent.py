@@ -50,7 +50,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
@@ -589,7 +589,7 @@ class Agent:
 
     def _with_published_selection(self, snap: Snapshot, shards: Any) -> Snapshot:
         """`snap` (this node's pods only) with the manager's published selection."""
-        published, dropped = published_selection(shards, snap.policies, cache=self.parse_cache)
+        published, dropped = published_selection(shards, snap, cache=self.parse_cache)
         if dropped != self._dropped_shards:
             log.warning(
                 "node=%s %d StaticEgressIPMembers objects left out (unreadable, or of a "
@@ -599,7 +599,7 @@ class Agent:
             )
             self._dropped_shards = dropped
         self.metrics.set("member_objects_ignored", dropped)
-        return replace(snap, members=published.members, endpoints=published.endpoints)
+        return published
 
     def _never_held(self, snap: Snapshot) -> frozenset[IPAddress]:
         """Addresses this node refuses to hold whatever the status says: any
@@ -717,12 +717,16 @@ class Agent:
 
     @staticmethod
     def _pieces(
-        desired: DesiredState | None,
+        desired: DesiredState | None, *, steer_verdicts: bool = True
     ) -> dict[IPv4Address, frozenset[tuple[IPv4Network, object]]]:
-        """Pod -> the destination pieces it is steered or SNATed for, with where to."""
+        """Pod -> the destination pieces it is steered or SNATed for, with where to
+        (the egress IP it is SNATed to; for steering, the verdict, or with
+        `steer_verdicts=False` only that it is steered)."""
         out: dict[IPv4Address, set[tuple[IPv4Network, object]]] = {}
-        for ip, net, verdict in (*desired.steer_pieces, *desired.snat_pieces) if desired else ():
-            out.setdefault(ip, set()).add((net, verdict))
+        for ip, net, verdict in desired.steer_pieces if desired else ():
+            out.setdefault(ip, set()).add((net, verdict if steer_verdicts else "steered"))
+        for ip, net, eip in desired.snat_pieces if desired else ():
+            out.setdefault(ip, set()).add((net, eip))
         return {ip: frozenset(v) for ip, v in out.items()}
 
     def _repair_misnated(self, desired: DesiredState) -> None:
@@ -825,23 +829,17 @@ class Agent:
         Destinations that kept their verdict, and the cluster's ranges, keep
         their connections. Only withdrawals: what was added is the repair's."""
 
-        def keys(d: DesiredState | None) -> dict[IPv4Address, set[tuple[IPv4Network, object]]]:
-            # Steering by destination only: a new path (or a pass through
-            # drop) is `_forget_moved_flows`'s; SNAT by destination and address.
-            out: dict[IPv4Address, set[tuple[IPv4Network, object]]] = {}
-            for ip, net, _ in d.steer_pieces if d else ():
-                out.setdefault(ip, set()).add((net, "steered"))
-            for ip, net, eip in d.snat_pieces if d else ():
-                out.setdefault(ip, set()).add((net, eip))
-            return out
-
-        before, now = keys(self.applied), keys(desired)
+        # Steering by destination only: a new path (or a pass through drop) is
+        # `_forget_moved_flows`'s; SNAT by destination and egress IP.
+        before = self._pieces(self.applied, steer_verdicts=False)
+        now = self._pieces(desired, steer_verdicts=False)
+        empty: frozenset[tuple[IPv4Network, object]] = frozenset()
         withdrawn = sorted(
-            ip for ip, had in before.items() if ip not in skip and had - now.get(ip, set())
+            ip for ip, had in before.items() if ip not in skip and had - now.get(ip, empty)
         )
         reset = 0
         for ip in withdrawn:
-            kept = [net for net, _ in before[ip] & now.get(ip, set())]
+            kept = [net for net, _ in before[ip] & now.get(ip, empty)]
             reset += await self._flush([ip], [*desired.cluster, *kept])
         if withdrawn:
             log.info(

@@ -7,8 +7,8 @@ rules); what does not parse is left out and reported, never passed on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -106,17 +106,16 @@ def build_snapshot(
     results = cache.parse_all("policies", policies, parse_policy)
     valid = [r for r in results if not isinstance(r, Invalid)]
     invalid = [r for r in results if isinstance(r, Invalid)]
-    endpoints: dict[tuple[str, str], set[Any]] = {}
-    for parsed_slice in cache.parse_all("slices", slices, endpoint_slice_addresses):
-        if parsed_slice is not None:
-            endpoints.setdefault(parsed_slice[0], set()).update(parsed_slice[1])
+    endpoints = _endpoint_table(
+        s for s in cache.parse_all("slices", slices, endpoint_slice_addresses) if s is not None
+    )
     snap = Snapshot(
         policies=tuple(sorted(valid, key=lambda p: p.ref)),
         pods=parsed("pods", pods, parse_pod),
         nodes=parsed("nodes", nodes, parse_node),
         services=parsed("services", services, parse_service),
         namespaces=parsed("namespaces", namespaces, parse_namespace),
-        endpoints=tuple(sorted((k, tuple(sorted(v))) for k, v in endpoints.items())),
+        endpoints=endpoints,
         pools=tuple(
             sorted(
                 (
@@ -132,33 +131,38 @@ def build_snapshot(
 
 
 def published_selection(
-    shards: Store, policies: tuple[StaticEgressIP, ...], *, cache: ParseCache | None = None
+    shards: Store, snapshot: Snapshot, *, cache: ParseCache | None = None
 ) -> tuple[Snapshot, int]:
-    """The manager's StaticEgressIPMembers as the model's `members` and
-    `endpoints` (in a Snapshot holding only those two), and how many objects
-    were left out: unreadable ones, and those of an object that no longer
-    exists under that uid (a deleted StaticEgressIP whose name was reused)."""
+    """`snapshot` with the manager's StaticEgressIPMembers as its `members` and
+    `endpoints`, and how many objects were left out: unreadable ones, and those
+    of an object that no longer exists under that uid (a deleted
+    StaticEgressIP whose name was reused)."""
     cache = cache or ParseCache()
-    uids = {p.ref: p.uid for p in policies}
-    members: list[Member] = []
-    endpoints: dict[tuple[str, str], set[IPv4Address]] = {}
+    uids = {p.ref: p.uid for p in snapshot.policies}
+    members: set[Member] = set()
+    served: list[tuple[tuple[str, str], tuple[IPv4Address, ...]]] = []
     dropped = 0
     for shard in cache.parse_all("members", shards, _parse_shard):
         if shard is None or uids.get(shard.ref) != shard.uid:
             dropped += 1
             continue
-        members += shard.members
+        members.update(shard.members)
         if shard.service:
-            endpoints.setdefault((shard.ref.namespace, shard.service), set()).update(
-                shard.endpoints
-            )
-    return Snapshot(
-        policies=(),
-        pods=(),
-        nodes=(),
-        members=tuple(sorted(set(members))),
-        endpoints=tuple(sorted((k, tuple(sorted(v))) for k, v in endpoints.items())),
+            served.append(((shard.ref.namespace, shard.service), shard.endpoints))
+    return replace(
+        snapshot, members=tuple(sorted(members)), endpoints=_endpoint_table(served)
     ), dropped
+
+
+def _endpoint_table(
+    parts: Iterable[tuple[tuple[str, str], Iterable[IPv4Address]]],
+) -> tuple[tuple[tuple[str, str], tuple[IPv4Address, ...]], ...]:
+    """(namespace, service) -> its addresses, from parts that may repeat a service
+    (several EndpointSlices, several published shards), sorted."""
+    table: dict[tuple[str, str], set[IPv4Address]] = {}
+    for key, addresses in parts:
+        table.setdefault(key, set()).update(addresses)
+    return tuple(sorted((k, tuple(sorted(v))) for k, v in table.items()))
 
 
 def _parse_shard(obj: Mapping[str, Any]) -> MemberShard | None:

@@ -202,7 +202,6 @@ def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> 
     }
     classes = {key: k for k, key in enumerate(sorted(set(keyed.values()), key=str))}
     cmds: list[Json] = []
-    verdict_of = {(ip, net): v for ip, net, v in pieces}
     members: dict[int, IPv4Address] = {}
     for ip, key in keyed.items():
         members.setdefault(classes[key], ip)
@@ -214,7 +213,7 @@ def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> 
             _map(
                 f"{name}_dst",
                 f"{kind}: destination -> verdict for the pods of class {k}",
-                [[_elem(net), verdict_of[(sample, net)]] for net, _ in by_pod[sample]],
+                [[_elem(net), verdict] for net, verdict in by_pod[sample]],
                 interval=True,
             )
         )

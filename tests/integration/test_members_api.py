@@ -65,7 +65,7 @@ async def test_published_members_round_trip_and_converge(
         await asyncio.wait_for(store.synced.wait(), timeout=15)
         publisher = MemberPublisher(api, namespace=namespace)
         assert await _converge(publisher, wanted, store) == []
-        read, dropped = published_selection(store.store, snap.policies)
+        read, dropped = published_selection(store.store, snap)
         assert dropped == 0
         assert read.members == members
         # Nothing changed: nothing written.
@@ -80,12 +80,13 @@ async def test_published_members_round_trip_and_converge(
         )
         assert await _converge(publisher, wanted2, store) == []
         deadline = time.monotonic() + 10
-        while published_selection(store.store, snap.policies)[0].members != fewer:
+        while published_selection(store.store, snap)[0].members != fewer:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         # A shard of a StaticEgressIP that no longer has that uid is left out.
         renamed = tuple(dataclasses.replace(p, uid="another") for p in snap.policies)
-        assert published_selection(store.store, renamed)[1] == len(wanted2)
+        reused = dataclasses.replace(snap, policies=renamed)
+        assert published_selection(store.store, reused)[1] == len(wanted2)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
