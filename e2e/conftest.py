@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.labkit import Lab, require_root, staticegress
+from e2e.labkit import Lab, require_no_lab, staticegress
 from staticegress.controlplane.binaries import Binaries
 from staticegress.lab import lab as lablib
 from staticegress.lab import plan
@@ -18,9 +18,7 @@ from tests.conftest import binaries  # noqa: F401 - the shared session fixture
 @pytest.fixture(scope="module", params=plan.CNIS)
 def lab(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[Lab]:  # noqa: F811
     """A 3-node lab in each CNI mode, shared by the tests of one module."""
-    require_root()
-    if lablib.load_state() is not None:
-        raise AssertionError("a lab is already up on this machine: `staticegress lab down` first")
+    require_no_lab()
     cni = request.param
     start = time.monotonic()
     staticegress("lab", "up", "--nodes", "3", "--cni", cni)

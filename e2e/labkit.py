@@ -28,6 +28,16 @@ def require_root() -> None:
         raise AssertionError("lab tests create network namespaces and must run as root")
 
 
+def require_no_lab() -> None:
+    """Root, and no lab up. A lab whose processes all died with their owner (a run
+    killed before `lab down`) is taken down first; a live one is someone else's."""
+    from staticegress.lab import lab as lablib
+
+    require_root()
+    lablib.clear_stale(progress=lambda line: print(f"[lab] {line}"))
+    assert lablib.load_state() is None, "a lab is in use on this machine: `staticegress lab down`"
+
+
 def staticegress(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the staticegress command line; raise with its output if it fails."""
     proc = subprocess.run([*STATICEGRESS, *args], capture_output=True, text=True, timeout=timeout)
@@ -264,7 +274,7 @@ def client_lab(
     client leaving with one of them; (lab, node -> client pod). Taken down after."""
     from staticegress.lab import lab as lablib
 
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
+    require_no_lab()
     staticegress("lab", "up", "--nodes", "3", "--cni", cni)
     try:
         lab = Lab(

@@ -21,7 +21,7 @@ from e2e.labkit import (
     Lab,
     node_state,
     pod_server,
-    require_root,
+    require_no_lab,
     spread_deployment,
     staticegress,
     wait_for,
@@ -117,8 +117,7 @@ def probe_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
 def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[str, Any]]:
     """A lab whose nodes were snapshotted before the agents started, then workloads:
     frontend (service-name rule), worker (label rule), plain (unselected)."""
-    require_root()
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
+    require_no_lab()
     cni = request.param
     staticegress("lab", "up", "--nodes", "3", "--cni", cni, "--no-agents")
     try:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e.labkit import Lab, require_root, spread_deployment, staticegress, wait_for
+from e2e.labkit import Lab, require_no_lab, spread_deployment, staticegress, wait_for
 from staticegress.controlplane.binaries import Binaries
+from staticegress.controlplane.cluster import pid_alive
 from staticegress.lab import lab as lablib
 from staticegress.lab import plan
 
@@ -45,8 +46,7 @@ def _host_snapshot() -> dict[str, object]:
 
 @pytest.mark.parametrize("cni", plan.CNIS)
 def test_up_is_idempotent_and_down_leaves_nothing(cni: plan.CNI, binaries: Binaries) -> None:
-    require_root()
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
+    require_no_lab()
     before = _host_snapshot()
     staticegress("lab", "up", "--nodes", "2", "--cni", cni)
     try:
@@ -76,4 +76,28 @@ def test_up_is_idempotent_and_down_leaves_nothing(cni: plan.CNI, binaries: Binar
     assert _host_snapshot() == before
     # down on a lab that is already down is harmless.
     staticegress("lab", "down")
+    assert _host_snapshot() == before
+
+
+def test_a_lab_left_by_a_killed_run_is_cleared_and_a_live_one_kept(binaries: Binaries) -> None:
+    """A test run killed before `lab down` leaves the state behind with every process
+    gone; the next run must take that down rather than fail, but never a live lab."""
+    require_no_lab()
+    before = _host_snapshot()
+    staticegress("lab", "up", "--nodes", "2", "--cni", "host-gw", "--no-agents")
+    try:
+        assert not lablib.clear_stale(progress=print), "a live lab was taken down"
+        state = lablib.load_state()
+        assert state is not None
+        for pid in state.processes.values():
+            subprocess.run(["kill", "-KILL", str(pid)], check=False)
+        wait_for(
+            "the lab's processes gone",
+            lambda: not any(pid_alive(pid) for pid in state.processes.values()),
+            seconds=10,
+        )
+        assert lablib.clear_stale(progress=print), "a lab without processes was kept"
+        assert lablib.load_state() is None
+    finally:
+        staticegress("lab", "down")
     assert _host_snapshot() == before

@@ -31,7 +31,7 @@ import pytest
 from e2e.labkit import (
     Lab,
     egress_lab_object,
-    require_root,
+    require_no_lab,
     spread_deployment,
     staticegress,
     wait_for,
@@ -165,8 +165,7 @@ def wait_agents(lab: Lab, seconds: float = 120) -> None:
 
 @pytest.fixture(scope="module", params=plan.CNIS)
 def world(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[dict[str, Any]]:
-    require_root()
-    assert lablib.load_state() is None, "a lab is already up: `staticegress lab down` first"
+    require_no_lab()
     cni = request.param
     before = host_snapshot()
     start = time.monotonic()

@@ -13,6 +13,14 @@ step "ruff";          ruff check . && ruff format --check .
 step "mypy --strict"; mypy
 step "import layers"; lint-imports
 step "pytest"
+# The lab lives at fixed names on this machine: a second run at the same time
+# would tear down the first's lab. Wait for it instead.
+mkdir -p /run/lock
+exec 9>/run/lock/staticegress-tests.lock
+if ! flock -n 9; then
+  echo "another test run holds /run/lock/staticegress-tests.lock: waiting for it" >&2
+  flock 9
+fi
 set +e
 pytest "$@"
 rc=$?

@@ -785,6 +785,22 @@ def _down(progress: Progress) -> None:
     progress("lab down: nothing left")
 
 
+def clear_stale(*, progress: Progress) -> bool:
+    """Take down a lab whose every recorded process is gone (its owner was killed
+    before `lab down`), so that the next run starts clean; True if one was. A lab
+    with any live process belongs to someone and is left alone."""
+    require_root()
+    if load_state() is None:
+        return False  # and the lock, which would leave the state directory behind, untaken
+    with _locked():
+        state = load_state()
+        if state is None or any(_ours(pid) for pid in state.processes.values()):
+            return False
+        progress("a lab left behind by a process that is gone: taking it down")
+        _down(progress)
+        return True
+
+
 def status() -> str:
     """A human-readable report: nodes, pods, processes."""
     state = load_state()
