@@ -112,7 +112,9 @@ from staticegress.k8s.trim import (
     trim_namespace,
     trim_node,
     trim_pod,
+    trim_pool,
     trim_service,
+    trim_static_egress_ip,
 )
 from staticegress.model.boot import trust_since_boot
 from staticegress.model.desired import AgentConfig, DesiredState, Snapshot, compute_desired
@@ -246,6 +248,7 @@ class Agent:
                 list_fn=custom.list_cluster_custom_object,
                 list_args=(GROUP, VERSION, PLURAL),
                 on_change=poke,
+                trim=trim_static_egress_ip,
             ),
             # Stored trimmed (k8s.trim): memory follows what we read, not the
             # size of every object in the cluster.
@@ -277,6 +280,7 @@ class Agent:
                 list_fn=custom.list_cluster_custom_object,
                 list_args=(GROUP, VERSION, POOL_PLURAL),
                 on_change=poke,
+                trim=trim_pool,
             ),
         }
         if opts.selection == "published":

@@ -41,7 +41,9 @@ Invariants:
   the list's resourceVersion (every page of one list shares it);
 - a failed list (any non-2xx answer) never replaces the store;
 - `on_change` is called after every store update and must only poke a
-  coalescing trigger, never do the work itself.
+  coalescing trigger, never do the work itself; with `trim`, an event that
+  leaves the trimmed object as it was (but for its resourceVersion) updates
+  the store without calling it.
 """
 
 from __future__ import annotations
@@ -327,9 +329,32 @@ class Reflector:
         key = object_key(obj)
         if kind == "DELETED":
             self.store.pop(key, None)
+        elif self._trim:
+            kept = self._trim(obj)
+            before = self.store.get(key)
+            self.store[key] = kept
+            if before is not None and _same_but_version(before, kept):
+                # A change only to fields nobody reads (a Node's heartbeat time,
+                # a Pod's container restart count, managedFields) must not make
+                # every agent recompute everything: Nodes alone change every few
+                # seconds somewhere in a large cluster.
+                return
         else:
-            self.store[key] = self._trim(obj) if self._trim else obj
+            self.store[key] = obj
         self._on_change()
+
+
+def _same_but_version(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal objects once their resourceVersions are set aside."""
+    meta_a, meta_b = a.get("metadata") or {}, b.get("metadata") or {}
+    if {k: v for k, v in a.items() if k != "metadata"} != {
+        k: v for k, v in b.items() if k != "metadata"
+    }:
+        return False
+    strip = "resourceVersion"
+    return {k: v for k, v in meta_a.items() if k != strip} == {
+        k: v for k, v in meta_b.items() if k != strip
+    }
 
 
 class _GoneError(Exception):

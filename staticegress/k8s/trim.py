@@ -132,3 +132,22 @@ def trim_endpoint_slice(obj: Json) -> Json:
 def trim_namespace(obj: Json) -> Json:
     """Name and labels."""
     return {**_head(obj), "metadata": _meta(obj)}
+
+
+def trim_static_egress_ip(obj: Json) -> Json:
+    """For agents: the spec and the status's egress IP assignments (who is each
+    one's gateway). The conditions, which the manager rewrites as agents report,
+    are the manager's alone: without them here, a condition's change no longer
+    makes every agent recompute."""
+    status = obj.get("status")
+    return {
+        **_head(obj),
+        "metadata": _meta(obj),
+        "spec": obj.get("spec"),
+        "status": _pick(status, ("egressIPs",)),
+    }
+
+
+def trim_pool(obj: Json) -> Json:
+    """The spec: the pool's status is the manager's report, read by nobody."""
+    return {**_head(obj), "metadata": _meta(obj), "spec": obj.get("spec")}

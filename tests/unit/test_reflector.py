@@ -405,3 +405,46 @@ async def test_stored_objects_are_trimmed_from_lists_and_events() -> None:
     await asyncio.gather(task, return_exceptions=True)
     assert all(o["metadata"]["trimmed"] for o in r.store.values())
     assert sorted(r.store) == ["ns/a", "ns/b"]
+
+
+async def test_a_change_to_trimmed_away_fields_updates_the_store_without_a_sync() -> None:
+    """A Node heartbeat changes nothing an agent reads; it must not recompute
+    every agent's state, but the stored resourceVersion still follows."""
+
+    def node(rv: int, heartbeat: str, ready: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "n1", "resourceVersion": str(rv)},
+            "status": {"heartbeat": heartbeat, "ready": ready},
+        }
+
+    script = _Script(
+        [
+            _list(10, node(5, "t0", "True")),
+            _Response(
+                lines=[
+                    _event("MODIFIED", node(11, "t1", "True")),
+                    _event("MODIFIED", node(12, "t2", "True")),
+                    _event("MODIFIED", node(13, "t3", "False")),
+                    _event("MODIFIED", node(14, "t4", "False")),
+                ]
+            ),
+        ]
+    )
+    changes: list[str] = []
+
+    def on_change() -> None:
+        changes.append(r.store["n1"]["status"]["ready"])
+
+    r = Reflector(
+        name="test",
+        list_fn=script,
+        on_change=on_change,
+        max_backoff=0.01,
+        trim=lambda o: {"metadata": o["metadata"], "status": {"ready": o["status"]["ready"]}},
+    )
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(script.done.wait(), timeout=5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert changes == ["True", "False"], "one call for the list, one for the real change"
+    assert r.store["n1"]["metadata"]["resourceVersion"] == "14"

@@ -15,12 +15,16 @@ from staticegress.api.core import (
     parse_pod,
     parse_service,
 )
+from staticegress.api.pools import parse_pool
+from staticegress.api.v1alpha1 import parse_static_egress_ip
 from staticegress.k8s.trim import (
     trim_endpoint_slice,
     trim_namespace,
     trim_node,
     trim_pod,
+    trim_pool,
     trim_service,
+    trim_static_egress_ip,
 )
 
 _MANAGED = [
@@ -234,3 +238,70 @@ def test_the_node_keeps_what_the_manager_reads() -> None:
     kept = trim_node(node())
     assert kept["status"]["conditions"] == [{"type": "Ready", "status": "True"}]
     assert kept["metadata"]["uid"] == "n7"  # Events name their Node by uid
+
+
+def static_egress_ip() -> dict[str, Any]:
+    return {
+        "kind": "StaticEgressIP",
+        "apiVersion": "staticegressips.io/v1alpha1",
+        "metadata": {
+            "name": "web",
+            "namespace": "shop",
+            "uid": "u1",
+            "generation": 3,
+            "resourceVersion": "77",
+            "creationTimestamp": "2026-11-01T00:00:00Z",
+            "managedFields": _MANAGED,
+        },
+        "spec": {
+            "rules": [{"egressip": "198.51.100.10", "service-name": "web", "cidr": "192.0.2.0/24"}]
+        },
+        "status": {
+            "observedGeneration": 3,
+            "egressIPs": [
+                {
+                    "egressIP": "198.51.100.10",
+                    "rule": 0,
+                    "gateway": "node-2",
+                    "since": "2026-11-01T00:00:01Z",
+                    "standbys": ["node-3"],
+                }
+            ],
+            "conditions": [
+                {
+                    "type": "Programmed",
+                    "status": "True",
+                    "reason": "Programmed",
+                    "message": "every node",
+                    "lastTransitionTime": "2026-11-01T00:00:02Z",
+                }
+            ],
+        },
+    }
+
+
+def test_an_agent_keeps_a_static_egress_ips_spec_and_gateways_not_its_conditions() -> None:
+    full = static_egress_ip()
+    whole, kept = parse_static_egress_ip(full), parse_static_egress_ip(trim_static_egress_ip(full))
+    assert whole.status.conditions, "the sample must carry conditions"
+    assert kept.spec == whole.spec
+    assert (kept.ref, kept.uid, kept.generation, kept.created) == (
+        whole.ref,
+        whole.uid,
+        whole.generation,
+        whole.created,
+    )
+    assert kept.status.egress_ips == whole.status.egress_ips
+    assert kept.status.conditions == ()
+
+
+def test_a_pool_keeps_its_spec() -> None:
+    full = {
+        "kind": "StaticEgressIPPool",
+        "apiVersion": "staticegressips.io/v1alpha1",
+        "metadata": {"name": "lab", "uid": "p1", "managedFields": _MANAGED},
+        "spec": {"cidrs": ["198.51.100.0/24"], "namespaceSelector": {}},
+        "status": {"conditions": [{"type": "Valid", "status": "True"}]},
+    }
+    assert parse_pool(trim_pool(full)) == parse_pool(full)
+    assert "status" not in trim_pool(full)
