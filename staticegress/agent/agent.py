@@ -1,12 +1,16 @@
 """The node agent: reflectors -> one snapshot -> desired state -> kernel.
 
 Root tasks, in one TaskGroup (if one dies, the process dies and is restarted):
-six reflectors (StaticEgressIPs, Pods, Nodes, Services, EndpointSlices,
-Namespaces), the SyncRunner, the report writer, the nftables monitor (a
-table of ours removed or edited behind our back forces a full sync at once:
+the reflectors (StaticEgressIPs, pools, Pods, Nodes, Services, Namespaces;
+with `--selection published` this node's Pods only, and two watches of the
+manager's StaticEgressIPMembers: the members of the rules this node is a
+gateway or standby for, by its label, and every Service's endpoint
+addresses; with `--selection local` every Pod and EndpointSlice), the
+SyncRunner, the report writer, the nftables monitor (a table of ours
+removed or edited behind our back forces a full sync at once:
 `dataplane.nftmonitor`), the grant keeper (`agent.ownership`: the egress IPs
-the status gives this node are held only while a manager's grant covers them,
-enforced by the kernel), the peer prober, and the health server. With a CNI
+the status gives this node are held only while a manager's grant covers
+them, enforced by the kernel), the peer prober, and the health server. With a CNI
 gate (`dataplane.cnigate`), it is installed before anything else starts, a
 keeper puts it back whenever the CNI rewrites its config, and the ready file
 that lets held pods through is written after the first successful sync.
@@ -65,7 +69,7 @@ from staticegress.agent.ownership import OwnershipKeeper
 from staticegress.agent.sync import SyncRunner, TemporaryError
 from staticegress.agent.transport import choose_transport, node_event
 from staticegress.api.core import parse_node
-from staticegress.api.members import MEMBERS_PLURAL, MEMBERS_SELECTOR
+from staticegress.api.members import MEMBERS_PLURAL, agent_selectors
 from staticegress.api.pools import POOL_PLURAL
 from staticegress.api.types import EgressIPRef, IPAddress, NodeName
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -133,6 +137,11 @@ CSI liveness probes 9808-9812, node exporters 9100/9796, CNI agents 9099 and
 
 GATE_PROBLEM = "CNIGateProblem"
 """The Node Event reason for what keeps the CNI gate from working."""
+
+GATEWAY_SHARDS = "members-gateway"
+ENDPOINT_SHARDS = "members-endpoints"
+"""The reflectors of the published selection (`--selection published`): the
+members objects labelled for this node, and every endpoints object."""
 
 
 @dataclass(frozen=True)
@@ -284,13 +293,24 @@ class Agent:
             ),
         }
         if opts.selection == "published":
-            self.reflectors["members"] = Reflector(
-                name="staticegressipmembers",
-                list_fn=custom.list_namespaced_custom_object,
-                list_args=(GROUP, VERSION, opts.namespace, MEMBERS_PLURAL),
-                list_kwargs={"label_selector": MEMBERS_SELECTOR},
-                on_change=poke,
-            )
+            # Not the whole selection: a selected pod's change would reach
+            # every node. This node selects its own pods itself; it needs the
+            # members of the rules it may SNAT for (a standby too, so that a
+            # failover never waits for a list), and the endpoint addresses
+            # its own pods are selected among. Both must be listed before
+            # the first sync, like every other reflector.
+            gateway, endpoints = agent_selectors(self.node)
+            for key, name, selector in (
+                (GATEWAY_SHARDS, "staticegressipmembers-gateway", gateway),
+                (ENDPOINT_SHARDS, "staticegressipmembers-endpoints", endpoints),
+            ):
+                self.reflectors[key] = Reflector(
+                    name=name,
+                    list_fn=custom.list_namespaced_custom_object,
+                    list_args=(GROUP, VERSION, opts.namespace, MEMBERS_PLURAL),
+                    list_kwargs={"label_selector": selector},
+                    on_change=poke,
+                )
         else:
             self.reflectors["endpointslices"] = Reflector(
                 name="endpointslices",
@@ -543,8 +563,10 @@ class Agent:
             slices=stores.get("endpointslices", {}),
             pools=stores["pools"],
         )
-        if "members" in stores:
-            snap = self._with_published_selection(snap, stores["members"])
+        if GATEWAY_SHARDS in stores:
+            # By key, so an object both watches hold counts once.
+            shards = {**stores[ENDPOINT_SHARDS], **stores[GATEWAY_SHARDS]}
+            snap = self._with_published_selection(snap, shards)
         snap = self._trust_since_boot(snap)
         config = AgentConfig(
             node=self.node,

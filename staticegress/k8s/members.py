@@ -2,14 +2,18 @@
 
 Given the wanted objects (`render.members`) and what the API server holds
 (the manager's reflector of them), it creates what is missing, merge-patches
-what differs (members lists are replaced whole) and deletes what is no longer
-wanted, `max_in_flight` writes at a time. Only the leader calls it. A write
-that fails is retried on the next run (the caller raises `TemporaryError`),
-and one failing object never keeps the others from being written.
+what differs (members lists are replaced whole, and labels the object no
+longer wants are removed with a null, since a merge patch only adds keys)
+and deletes what is no longer wanted, `max_in_flight` writes at a time. Only
+the leader calls it. A write that fails is retried on the next run (the
+caller raises `TemporaryError`), and one failing object never keeps the
+others from being written.
 
-Deletions come last, and an object is deleted only when its name is no longer
-wanted: while a rule's pods move from one shard to another, both hold them
-for a moment, never neither.
+Creations come first, then patches, then deletions, and an object is deleted
+only when its name is no longer wanted: while something moves from one
+object to another (a rule's pods from one shard to another, endpoint
+addresses out of an object written by an older manager into their own),
+both hold it for a moment, never neither.
 """
 
 from __future__ import annotations
@@ -45,14 +49,16 @@ class MemberPublisher:
         """Make the stored objects (keyed `namespace/name` or `name`) match `wanted`
         (keyed by name). Returns one message per failed write."""
         held = {key.rsplit("/", 1)[-1]: obj for key, obj in stored.items()}
-        upserts: list[Awaitable[None]] = []
+        creates: list[Awaitable[None]] = []
+        patches: list[Awaitable[None]] = []
         for name, body in wanted.items():
             current = held.get(name)
             if current is None:
-                upserts.append(self._create(body))
+                creates.append(self._create(body))
             elif not same_content(current, body):
-                upserts.append(self._patch(name, body))
-        errors = await self._run(upserts)
+                patches.append(self._patch(name, body, current=current))
+        errors = await self._run(creates)
+        errors += await self._run(patches)
         deletes: list[Awaitable[None]] = [
             self._delete(name) for name in sorted(held) if name not in wanted
         ]
@@ -86,12 +92,20 @@ class MemberPublisher:
         except ApiException as exc:
             if exc.status != 409:  # there already (our store lags): patch it
                 raise
-            await self._patch(body["metadata"]["name"], body)
+            # Its labels are unknown here: a stale one stays until the store
+            # shows the object and the next run compares it.
+            await self._patch(body["metadata"]["name"], body, current={})
 
-    async def _patch(self, name: str, body: Json) -> None:
+    async def _patch(self, name: str, body: Json, *, current: Mapping[str, Any]) -> None:
+        """Merge-patch `name` to say what `body` says; `current` is the stored
+        object, whose labels that `body` lacks are removed."""
         patch = {k: v for k, v in body.items() if k not in ("apiVersion", "kind")}
-        patch.setdefault("service", None)
-        patch.setdefault("endpoints", None)
+        for key in ("members", "service", "endpoints"):
+            patch.setdefault(key, None)
+        labels: dict[str, str | None] = dict(body["metadata"].get("labels") or {})
+        for key in (current.get("metadata") or {}).get("labels") or {}:
+            labels.setdefault(key, None)
+        patch["metadata"] = {**body["metadata"], "labels": labels}
         await self._custom.patch_namespaced_custom_object(
             GROUP,
             VERSION,

@@ -32,6 +32,14 @@ view is implausible (half the candidates lost at once) it freezes every
 assignment, reports `DetectorFault`, and gives the Lease up to a replica that
 sees better.
 
+The selection (which pods each rule selects) is published by a runner of its
+own as StaticEgressIPMembers (`render.members`, `k8s.members`), labelled
+with the nodes that may SNAT each rule's pods: the gateways and standbys the
+status names and those of the leader's latest assignment, which it keeps
+for this. A status change or a new assignment relabels them, so the agents'
+watches move members from the nodes that lost a role to those that gained
+it; a standby holds them before a failover needs them.
+
 The ICMP prober starts by assuming every node healthy, and acks are only
 expected once grants have been sent for a moment, so a new leader keeps the
 current assignment instead of reshuffling it while its first probes are out.
@@ -63,7 +71,13 @@ from staticegress.api.core import (
 )
 from staticegress.api.members import MEMBERS_PLURAL, MEMBERS_SELECTOR
 from staticegress.api.pools import POOL_PLURAL, EgressIPPool
-from staticegress.api.types import EgressIPRef, IPAddress, IPNetwork, NodeName
+from staticegress.api.types import (
+    EgressIPAssignment,
+    EgressIPRef,
+    IPAddress,
+    IPNetwork,
+    NodeName,
+)
 from staticegress.api.v1alpha1 import GROUP, PLURAL, VERSION
 from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
@@ -236,6 +250,10 @@ class Manager:
         }
         self.publisher = MemberPublisher(api, namespace=opts.namespace)
         self.members_cache = ParseCache()
+        self.assigned: dict[EgressIPRef, tuple[EgressIPAssignment, ...]] = {}
+        """The leader's latest assignment, status written or not: it labels the
+        published members (`render.members.member_readers`) a round trip
+        before the status would."""
         # The service ranges are only forbidden addresses; a cluster without the
         # ServiceCIDR API (or the permission) must not stop failover, so the
         # first sync waits for this list only for a while.
@@ -347,6 +365,7 @@ class Manager:
             self.members_runner.poke()
         else:
             self.planner = None
+            self.assigned = {}
 
     def _annotations(self) -> dict[str, str]:
         """What the Lease carries: the leader's grant map; otherwise what is there."""
@@ -510,7 +529,10 @@ class Manager:
             planner.published(at=time.monotonic())
 
     async def publish_members(self, force: bool) -> None:
-        """Publish which pods each rule selects (`render.members`), as leader."""
+        """Publish which pods each rule selects (`render.members`), as leader,
+        labelled for the nodes that may SNAT them. Runs on every change of the
+        selection's inputs, of a StaticEgressIP (its status among them) and of
+        the leader's assignment."""
         reflectors = (*self.reflectors.values(), *self.selection_reflectors.values())
         if not self.elector.is_leader() or not all(r.synced.is_set() for r in reflectors):
             return
@@ -527,7 +549,11 @@ class Manager:
         )
         members, endpoints = select_members(snap, require_pool=self.opts.require_pool)
         wanted = render_member_shards(
-            snap.policies, members, dict(endpoints), namespace=self.opts.namespace
+            snap.policies,
+            members,
+            dict(endpoints),
+            namespace=self.opts.namespace,
+            assigned=self.assigned,
         )
         before = self.publisher.writes
         errors = await self.publisher.publish(wanted, self.selection_reflectors["members"].store)
@@ -592,6 +618,20 @@ class Manager:
             accepting=accepting,
             tenancy=tenancy,
         )
+        # Only who holds what: a `since` that is new on every sync until the
+        # status lands must not recompute the whole selection each time.
+        assigned = {
+            r.ref: tuple(
+                EgressIPAssignment(a.egress_ip, a.rule, a.gateway, None, a.standbys, rules=a.rules)
+                for a in r.assignments
+            )
+            for r in results
+        }
+        if assigned != self.assigned:
+            # New gateways and standbys must hold their members before they
+            # are needed: relabel now, not once the status has come back.
+            self.assigned = assigned
+            self.members_runner.poke()
         self._write_pool_status(pools, bad_pools, tenancy, forbidden, now)
         await self._publish(owned_gateways(results, tenancy.owners))
         if verdict.frozen:

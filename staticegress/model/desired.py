@@ -102,8 +102,11 @@ class Snapshot:
     """The manager's published selection (`select_members`), or None. When
     given, `pods` need only hold this node's own pods: this node selects its
     own pods itself (at once, and the hold works as without it), and learns
-    the selected pods of other nodes, for its gateway and guard duties, from
-    here. `endpoints` then come from the publication too."""
+    the selected pods of other nodes from here. Only the rules it may SNAT for
+    are needed (those of the egress IPs it is the gateway or a standby of,
+    and the earlier rules that shadow them: `shadowing_rules`); the others'
+    members only widen the guard (`DesiredState.remote_pods`). `endpoints`
+    then come from the publication too."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,11 @@ class DesiredState:
     cluster: tuple[IPv4Network, ...] = ()
     """Pod, node and configured ranges: never steered, whatever a rule says."""
     remote_pods: tuple[IPv4Address, ...] = ()
-    """Selected pods on other nodes: forwarded traffic from them that this node
-    does not SNAT is dropped, so a stale director never leaks through us."""
+    """Selected pods on other nodes that this node knows of (with the published
+    selection, the members of the rules it may SNAT for): forwarded traffic
+    from them that this node does not SNAT is dropped, so a stale director
+    never leaks through us. The pods it does not know of are covered, towards
+    steered destinations, by `remote_pod_ranges`."""
     remote_pod_ranges: tuple[IPv4Network, ...] = ()
     """Other nodes' pod ranges. With `steered_destinations`: forwarded traffic from
     a remote pod this node does not SNAT is dropped, also from a pod too new for
@@ -312,6 +318,49 @@ def select_members(
                 named.add((svc.namespace, svc.name))
     endpoints = tuple((k, v) for k, v in sorted(selector.endpoints.items()) if k in named)
     return tuple(sorted(members)), endpoints
+
+
+RuleKey = tuple[EgressIPRef, int]
+"""A rule: its StaticEgressIP and its index in spec.rules."""
+
+
+def shadowing_rules(
+    policies: Iterable[StaticEgressIP], members: Iterable[Member]
+) -> dict[RuleKey, frozenset[RuleKey]]:
+    """Per rule, the earlier rules (in the global order) that select one of its
+    pods and reach some destination it reaches too.
+
+    A gateway SNATs a pod's traffic only where the rule whose egress IP it
+    owns is the pod's first match: for each pod, its rule's reach less the
+    reach of every earlier rule that selects it (`first_match_pieces`). So a
+    node that SNATs a rule's pods, or may soon, needs the members of these
+    rules as well, and of no other: an earlier rule whose reach is disjoint
+    takes nothing from this one, and later rules take nothing at all."""
+    order: dict[RuleKey, int] = {}
+    reach: dict[RuleKey, tuple[IPv4Network, ...]] = {}
+    for pol in oldest_first(policies):
+        for rule in pol.spec.rules:
+            if rule.family == 4:
+                key = (pol.ref, rule.index)
+                order[key] = len(order)
+                reach[key] = _reach(rule)
+    by_pod: dict[IPv4Address, set[RuleKey]] = defaultdict(set)
+    for m in members:
+        if (m.ref, m.rule) in order:
+            by_pod[m.ip].add((m.ref, m.rule))
+    # Pods selected alike share one set of rules: each distinct set is looked
+    # at once, so many rules with one selector cost their pairs, not pods x pairs.
+    alike = {frozenset(rules) for rules in by_pod.values() if len(rules) > 1}
+    pairs: set[tuple[RuleKey, RuleKey]] = set()
+    for rules in alike:
+        ranked = sorted(rules, key=order.__getitem__)
+        for i, later in enumerate(ranked):
+            pairs.update((earlier, later) for earlier in ranked[:i])
+    out: dict[RuleKey, set[RuleKey]] = defaultdict(set)
+    for earlier, later in pairs:
+        if any(a.overlaps(b) for a in reach[earlier] for b in reach[later]):
+            out[later].add(earlier)
+    return {k: frozenset(v) for k, v in sorted(out.items())}
 
 
 def _select(
