@@ -341,6 +341,9 @@ class Agent:
         self._repair_queue: set[IPv4Address] = set()
         self._repair_args: tuple[list[IPv4Address], list[IPv4Network]] = ([], [])
         self._repair_task: asyncio.Task[None] | None = None
+        self._resets: list[tuple[str, list[IPv4Address], list[IPv4Network]]] = []
+        """Connection resets the syncs asked for (why, pods, destinations kept),
+        done in order by the background conntrack worker."""
         self._repair_all = True
         """Look for misNATed connections of every steered pod after the next
         applied sync: at start (the previous agent's view is unknown) and after
@@ -700,7 +703,7 @@ class Agent:
             self._announcing.add(task)
             task.add_done_callback(self._announcing.discard)
             log.info("node=%s took egress IP %s; announcing it", self.node, ip)
-        await self._forget_moved_flows(desired)
+        self._forget_moved_flows(desired)
         self._repair_misnated(desired)
         self._local_seen = local
         self.slots = {g.node: g.slot for g in desired.gateways}
@@ -777,11 +780,33 @@ class Agent:
             return
         self._repair_queue |= pods
         self._repair_args = (list(desired.egress_ips), list(desired.cluster))
-        if self._repair_task is None or self._repair_task.done():
-            self._repair_task = asyncio.create_task(self._repair_worker())
+        self._start_conntrack_work()
 
-    async def _repair_worker(self) -> None:
-        while self._repair_queue:
+    def _start_conntrack_work(self) -> None:
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.create_task(self._conntrack_worker())
+
+    async def _conntrack_worker(self) -> None:
+        """Resets first, in the order the syncs asked for them, then the repair.
+        Deleting entries takes a netlink round trip each (seconds for a busy
+        pod's thousands of flows): here, none of it delays the next sync."""
+        while self._resets or self._repair_queue:
+            while self._resets:
+                what, pods, keep = self._resets.pop(0)
+                try:
+                    removed = await self._flush(pods, keep)
+                except Exception as exc:  # they stall or time out: never fail
+                    log.warning("node=%s cannot reset connections: %s", self.node, exc)
+                    continue
+                log.info(
+                    "node=%s %s for %d pods: %d connections reset",
+                    self.node,
+                    what,
+                    len(pods),
+                    removed,
+                )
+            if not self._repair_queue:
+                break
             pods, self._repair_queue = sorted(self._repair_queue), set()
             allowed, keep = self._repair_args
             try:
@@ -813,7 +838,7 @@ class Agent:
                 )
         return out
 
-    async def _forget_moved_flows(self, desired: DesiredState) -> None:
+    def _forget_moved_flows(self, desired: DesiredState) -> None:
         """Reset the connections of pods whose egress path now differs from the
         last path they actually used: their NAT binding was made for that path.
 
@@ -836,16 +861,11 @@ class Agent:
             if path != "drop" or ip in self._used_paths
         }
         if moved:
-            removed = await self._flush(moved, list(desired.cluster))
-            log.info(
-                "node=%s egress path changed for %d pods: %d connections reset",
-                self.node,
-                len(moved),
-                removed,
-            )
-        await self._forget_withdrawn_pieces(desired, skip=frozenset(moved))
+            self._resets.append(("egress path changed", moved, list(desired.cluster)))
+        self._forget_withdrawn_pieces(desired, skip=frozenset(moved))
+        self._start_conntrack_work()
 
-    async def _forget_withdrawn_pieces(
+    def _forget_withdrawn_pieces(
         self, desired: DesiredState, *, skip: frozenset[IPv4Address]
     ) -> None:
         """Reset a pod's connections towards destinations whose verdict changed or
@@ -863,17 +883,9 @@ class Agent:
         withdrawn = sorted(
             ip for ip, had in before.items() if ip not in skip and had - now.get(ip, empty)
         )
-        reset = 0
         for ip in withdrawn:
             kept = [net for net, _ in before[ip] & now.get(ip, empty)]
-            reset += await self._flush([ip], [*desired.cluster, *kept])
-        if withdrawn:
-            log.info(
-                "node=%s destinations withdrawn for %d pods: %d connections reset",
-                self.node,
-                len(withdrawn),
-                reset,
-            )
+            self._resets.append(("destinations withdrawn", [ip], [*desired.cluster, *kept]))
 
     def _record(self, desired: DesiredState, start: float) -> None:
         self.sync_duration.observe(time.perf_counter() - start)

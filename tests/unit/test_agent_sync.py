@@ -6,6 +6,7 @@ sandbox since the boot."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -324,6 +325,7 @@ async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() 
     FLUSHED.clear()
     gateway("node-1")  # moved here; no grant yet
     await agent.sync(False)
+    await _repaired(agent)
     assert dict(agent.applied.rules[0].steer)[pod_ip] == "drop"
     assert FLUSHED == []
     g = Grant(
@@ -332,6 +334,7 @@ async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() 
     keeper.book.offer(g, now=keeper._clock(), now_wall=0)
     await keeper.apply()
     await agent.sync(False)
+    await _repaired(agent)
     assert dict(agent.applied.rules[0].steer)[pod_ip] == "local"
     assert [[pod_ip]] == FLUSHED
     await agent.api.close()
@@ -348,19 +351,58 @@ async def test_connections_towards_a_withdrawn_destination_are_reset() -> None:
     del wide["spec"]["rules"][0]["cidr"]
     policies["default/egress"] = wide
     await agent.sync(True)
+    await _repaired(agent)
     FLUSHED.clear()
     FLUSH_KEPT.clear()
     narrow = json_copy(POLICY)
     narrow["metadata"]["resourceVersion"] = "9"
     policies["default/egress"] = narrow
     await agent.sync(False)
+    await _repaired(agent)
     assert FLUSHED, "nothing reset"
     assert all(len(p) == 1 for p in FLUSHED)
     assert all(ip_network("203.0.113.10/32") in kept for kept in FLUSH_KEPT)
     assert all(ip_network("192.0.2.0/24") not in kept for kept in FLUSH_KEPT)
     FLUSHED.clear()
     await agent.sync(True)  # nothing changed: nothing reset
+    await _repaired(agent)
     assert FLUSHED == []
+    await agent.api.close()
+
+
+async def test_a_slow_reset_never_holds_the_next_sync() -> None:
+    """Deleting a busy pod's thousands of connections takes seconds; the syncs
+    that follow (a new rule, a failover) must not wait for it, and the resets
+    still happen, in order."""
+    agent, nft, _ = make_agent("status-only")
+    release = asyncio.Event()
+    done: list[list[IPv4Address]] = []
+
+    async def slow_flush(pods: list[IPv4Address], keep: list[Any]) -> int:
+        await release.wait()
+        done.append(pods)
+        return 1000
+
+    agent._flush = slow_flush
+    policies = agent.reflectors["staticegressips"].store
+    wide = json_copy(POLICY)
+    wide["spec"]["rules"][0]["cidrs"] = ["203.0.113.10/32", "192.0.2.0/24"]
+    del wide["spec"]["rules"][0]["cidr"]
+    policies["default/egress"] = wide
+    await agent.sync(True)
+    await _repaired(agent)
+    narrow = json_copy(POLICY)
+    narrow["metadata"]["resourceVersion"] = "9"
+    policies["default/egress"] = narrow
+    batches = len(nft.batches)
+    await asyncio.wait_for(agent.sync(False), timeout=2)  # the reset is still blocked
+    policies["default/egress"] = wide | {"metadata": {**wide["metadata"], "resourceVersion": "10"}}
+    await asyncio.wait_for(agent.sync(False), timeout=2)
+    assert len(nft.batches) == batches + 2, "a sync waited for the reset"
+    assert done == []
+    release.set()
+    await _repaired(agent)
+    assert done, "the reset never ran"
     await agent.api.close()
 
 
