@@ -53,7 +53,7 @@ import hashlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -81,7 +81,7 @@ from staticegress.dataplane.cnigate import (
     uninstall,
     write_ready,
 )
-from staticegress.dataplane.conntrack import flush_misnated, flush_pods
+from staticegress.dataplane.conntrack import flush_destinations, flush_misnated
 from staticegress.dataplane.grants import GRANT_PORT
 from staticegress.dataplane.heartbeat import Prober
 from staticegress.dataplane.host import (
@@ -232,7 +232,7 @@ class Agent:
         nft: NftPort | None = None,
         netlink: NetlinkPort | None = None,
         announcer: Callable[[IPv4Address], Coroutine[Any, Any, None]] | None = None,
-        flusher: Callable[[list[IPv4Address], list[IPv4Network]], Awaitable[int]] | None = None,
+        flusher: Callable[[Mapping[IPv4Address, list[IPv4Network]]], Awaitable[int]] | None = None,
         repairer: Callable[
             [list[IPv4Address], list[IPv4Address], list[IPv4Network]], Awaitable[int]
         ]
@@ -382,6 +382,11 @@ class Agent:
                 "counter",
                 "Connections of selected pods deleted because NAT had given them an "
                 "address other than an egress IP (they began before the pod was steered).",
+            ),
+            (
+                "connections_reset_total",
+                "counter",
+                "Connections deleted because their pod's egress path or destinations changed.",
             ),
             ("nft_restores_total", "counter", "Our nftables tables restored after outside edits."),
             (
@@ -723,8 +728,8 @@ class Agent:
             ",".join(f"{g.node}:{g.slot}" for g in desired.gateways) or "-",
         )
 
-    async def _flush_conntrack(self, pods: list[IPv4Address], keep: list[IPv4Network]) -> int:
-        return await self.conntrack_runner.run(lambda: flush_pods(pods, keep))
+    async def _flush_conntrack(self, keep_by_pod: Mapping[IPv4Address, list[IPv4Network]]) -> int:
+        return await self.conntrack_runner.run(lambda: flush_destinations(keep_by_pod))
 
     async def _repair_conntrack(
         self, pods: list[IPv4Address], allowed: list[IPv4Address], keep: list[IPv4Network]
@@ -791,19 +796,34 @@ class Agent:
         Deleting entries takes a netlink round trip each (seconds for a busy
         pod's thousands of flows): here, none of it delays the next sync."""
         while self._resets or self._repair_queue:
-            while self._resets:
-                what, pods, keep = self._resets.pop(0)
+            if self._resets:
+                # Every reset asked for so far, in one dump: a pod asked twice
+                # keeps only what both kept (a connection reset once too often
+                # starts again; one kept wrongly goes on with a stale NAT).
+                keep_by_pod: dict[IPv4Address, list[IPv4Network]] = {}
+                reasons: dict[str, int] = {}
+                for what, pods, keep in self._resets:
+                    reasons[what] = reasons.get(what, 0) + len(pods)
+                    for ip in pods:
+                        had = keep_by_pod.get(ip)
+                        keep_by_pod[ip] = (
+                            list(keep)
+                            if had is None
+                            else [n for n in had if any(n.subnet_of(k) for k in keep)]
+                        )
+                self._resets = []
                 try:
-                    removed = await self._flush(pods, keep)
+                    removed = await self._flush(keep_by_pod)
                 except Exception as exc:  # they stall or time out: never fail
                     log.warning("node=%s cannot reset connections: %s", self.node, exc)
                     continue
+                if removed:
+                    self.metrics.inc("connections_reset_total", removed)
                 log.info(
-                    "node=%s %s for %d pods: %d connections reset",
+                    "node=%s connections reset: %d (%s)",
                     self.node,
-                    what,
-                    len(pods),
                     removed,
+                    ", ".join(f"{what} for {n} pods" for what, n in sorted(reasons.items())),
                 )
             if not self._repair_queue:
                 break

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, ip_address, ip_network
 from typing import Any
@@ -152,10 +152,10 @@ def make_agent(
     async def announce(ip: IPv4Address) -> None:
         announced.append(ip)
 
-    async def flush(pods: list[IPv4Address], keep: list[Any]) -> int:
-        FLUSHED.append(pods)
-        FLUSH_KEPT.append(list(keep))
-        return len(pods)
+    async def flush(keep_by_pod: Mapping[IPv4Address, list[Any]]) -> int:
+        FLUSHED.append(sorted(keep_by_pod))
+        FLUSH_KEPT.extend(list(keep) for keep in keep_by_pod.values())
+        return len(keep_by_pod)
 
     async def repair(pods: list[IPv4Address], allowed: list[IPv4Address], keep: list[Any]) -> int:
         assert X in allowed
@@ -360,8 +360,8 @@ async def test_connections_towards_a_withdrawn_destination_are_reset() -> None:
     await agent.sync(False)
     await _repaired(agent)
     assert FLUSHED, "nothing reset"
-    assert all(len(p) == 1 for p in FLUSHED)
-    assert all(ip_network("203.0.113.10/32") in kept for kept in FLUSH_KEPT)
+    assert len(FLUSH_KEPT) == sum(len(p) for p in FLUSHED), "one kept list per pod"
+    assert all(ip_network("203.0.113.10/32") in kept for kept in FLUSH_KEPT), (FLUSHED, FLUSH_KEPT)
     assert all(ip_network("192.0.2.0/24") not in kept for kept in FLUSH_KEPT)
     FLUSHED.clear()
     await agent.sync(True)  # nothing changed: nothing reset
@@ -378,9 +378,9 @@ async def test_a_slow_reset_never_holds_the_next_sync() -> None:
     release = asyncio.Event()
     done: list[list[IPv4Address]] = []
 
-    async def slow_flush(pods: list[IPv4Address], keep: list[Any]) -> int:
+    async def slow_flush(keep_by_pod: Mapping[IPv4Address, list[Any]]) -> int:
         await release.wait()
-        done.append(pods)
+        done.append(sorted(keep_by_pod))
         return 1000
 
     agent._flush = slow_flush
@@ -563,4 +563,18 @@ async def test_without_the_boot_time_nothing_is_programmed() -> None:
         await agent.sync(True)
     assert agent.applied is None
     assert nft.batches == []
+    await agent.api.close()
+
+
+async def test_resets_asked_twice_for_a_pod_keep_only_what_both_kept() -> None:
+    agent, _, _ = make_agent("status-only")
+    pod, other = IPv4Address("10.244.1.5"), IPv4Address("10.244.1.6")
+    a, b = ip_network("192.0.2.0/24"), ip_network("203.0.113.0/24")
+    FLUSHED.clear()
+    FLUSH_KEPT.clear()
+    agent._resets = [("one", [pod, other], [a, b]), ("two", [pod], [a])]
+    agent._start_conntrack_work()
+    await _repaired(agent)
+    assert [[pod, other]] == FLUSHED, "one dump for every reset asked"
+    assert sorted(map(str, FLUSH_KEPT)) == sorted(map(str, [[a], [a, b]]))
     await agent.api.close()

@@ -1,0 +1,96 @@
+"""Connection resets against the real kernel's conntrack table, in a throwaway
+network namespace: only each pod's entries towards what it does not keep go."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from pyroute2 import conntrack
+
+from staticegress.dataplane.conntrack import flush_destinations
+from staticegress.dataplane.netns import NetnsRunner
+
+POD_A, POD_B = "10.244.0.2", "10.244.0.3"
+KEPT, RESET = "192.0.2.10", "203.0.113.10"
+
+SEND = """
+import socket, sys
+for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.sendto(b"x", (dst, 9))
+    s.close()
+"""
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0:
+        raise AssertionError("conntrack tests need root (network namespaces)")
+    name = f"setest-ct-{uuid.uuid4().hex[:6]}"
+    _sh("ip", "netns", "add", name)
+    try:
+        for cmd in (
+            "link set lo up",
+            "link add pods type veth peer name peer0",
+            "link set peer0 up",
+            "link set pods up",
+            f"addr add {POD_A}/32 dev pods",
+            f"addr add {POD_B}/32 dev pods",
+            "route add 192.0.2.0/24 dev pods",
+            "route add 203.0.113.0/24 dev pods",
+        ):
+            _sh("ip", "-n", name, *cmd.split())
+        # Conntrack tracks a namespace's packets once a rule needs it.
+        _sh(
+            "ip", "netns", "exec", name, "nft",
+            "add table ip t; add chain ip t out { type filter hook output priority 0; };"
+            " add rule ip t out ct state new counter",
+        )  # fmt: skip
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def _flows(runner: NetnsRunner) -> set[tuple[str, str]]:
+    def dump() -> set[tuple[str, str]]:
+        ct = conntrack.Conntrack()
+        try:
+            return {(e.tuple_orig.saddr, e.tuple_orig.daddr) for e in ct.dump_entries()}
+        finally:
+            ct.close()
+
+    return asyncio.run(runner.run(dump))
+
+
+def test_each_pod_loses_only_the_connections_outside_what_it_keeps(netns: str) -> None:
+    _sh(
+        "ip", "netns", "exec", netns, sys.executable, "-c", SEND,
+        POD_A, KEPT, POD_A, RESET, POD_B, RESET,
+    )  # fmt: skip
+    runner = NetnsRunner(netns)
+    try:
+        before = _flows(runner)
+        assert {(POD_A, KEPT), (POD_A, RESET), (POD_B, RESET)} <= before
+        removed = asyncio.run(
+            runner.run(
+                lambda: flush_destinations({IPv4Address(POD_A): [IPv4Network("192.0.2.0/24")]})
+            )
+        )
+        after = _flows(runner)
+    finally:
+        runner.close()
+    assert removed == 1
+    assert (POD_A, RESET) not in after
+    assert {(POD_A, KEPT), (POD_B, RESET)} <= after, "a kept connection was reset"
