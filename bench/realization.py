@@ -85,7 +85,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -707,6 +707,9 @@ class Sample:
     """ms from t0 to a status naming the egress IP's gateway, when it needed one."""
     leaked: int = 0
     """Replies with a source other than the egress IP (new pods only)."""
+    leaked_from: dict[str, int] = field(default_factory=dict)
+    """Those replies by the source the server saw (the node's address: a leak;
+    the pod's own: it left unNATed)."""
     stale: dict[str, int] = field(default_factory=dict)
     """Source -> replies of the ongoing flow that left with another source than
     the egress IP after the fresh flows already left with it."""
@@ -868,13 +871,13 @@ class Bench:
             raise SystemExit(f"{name} not Ready after 30 s")
         t0 = self.watches.ready[uid]
         found = await self.realized(mark, start, NEWPOD_IP)
-        leaked = sum(
-            n
-            for kind in "no"
-            for src, n in self.stream.sources(mark, start, kind).items()
-            if src != NEWPOD_IP
-        )
-        sample = sample_of(start, t0, found, leaked=leaked)
+        leaks: dict[str, int] = {}
+        for kind in "no":
+            for src, n in self.stream.sources(mark, start, kind).items():
+                if src != NEWPOD_IP:
+                    leaks[src] = leaks.get(src, 0) + n
+        sample = sample_of(start, t0, found, leaked=sum(leaks.values()))
+        sample = replace(sample, leaked_from=leaks)
         await self.stream.idle()
         await self.kube.core.delete_namespaced_pod(
             name, NS, grace_period_seconds=0, _request_timeout=REQUEST_TIMEOUT
@@ -908,7 +911,8 @@ async def run_case(
             )
             break
         extra = f", status {s.status:.0f}" if s.status is not None else ""
-        extra += f", {s.leaked} leaked" if s.leaked else ""
+        leaks = ", ".join(f"{src} x{n}" for src, n in sorted(s.leaked_from.items()))
+        extra += f", {s.leaked} leaked ({leaks})" if s.leaked else ""
         stale = ", ".join(f"{src} x{n}" for src, n in sorted(s.stale.items()))
         extra += f"; ongoing flow later from {stale}" if stale else ""
         print(
