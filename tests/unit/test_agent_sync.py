@@ -340,15 +340,21 @@ async def test_a_pod_whose_path_passes_through_drop_still_has_its_flows_reset() 
     await agent.api.close()
 
 
+def _wide_policy() -> dict[str, Any]:
+    """POLICY with a second destination, 192.0.2.0/24, that a narrowing withdraws."""
+    wide = json_copy(POLICY)
+    wide["spec"]["rules"][0]["cidrs"] = ["203.0.113.10/32", "192.0.2.0/24"]
+    del wide["spec"]["rules"][0]["cidr"]
+    return wide
+
+
 async def test_connections_towards_a_withdrawn_destination_are_reset() -> None:
     """A rule loses a destination: the steered pods' connections towards it were
     bound to the old path (an identity SNAT, an egress IP) and must start
     again; those towards what the rule still covers are kept."""
     agent, _, _ = make_agent("status-only")
     policies = agent.reflectors["staticegressips"].store
-    wide = json_copy(POLICY)
-    wide["spec"]["rules"][0]["cidrs"] = ["203.0.113.10/32", "192.0.2.0/24"]
-    del wide["spec"]["rules"][0]["cidr"]
+    wide = _wide_policy()
     policies["default/egress"] = wide
     await agent.sync(True)
     await _repaired(agent)
@@ -385,9 +391,7 @@ async def test_a_slow_reset_never_holds_the_next_sync() -> None:
 
     agent._flush = slow_flush
     policies = agent.reflectors["staticegressips"].store
-    wide = json_copy(POLICY)
-    wide["spec"]["rules"][0]["cidrs"] = ["203.0.113.10/32", "192.0.2.0/24"]
-    del wide["spec"]["rules"][0]["cidr"]
+    wide = _wide_policy()
     policies["default/egress"] = wide
     await agent.sync(True)
     await _repaired(agent)
