@@ -321,9 +321,16 @@ class Agent:
         self._dropped_shards = 0
         self.netns_runner = NetnsRunner(opts.netns)
         # Conntrack dumps can take seconds on a busy node: on a thread of their
-        # own, so they never delay the grant lease's renewal (which shares the
-        # nftables thread) or the next sync.
+        # own, so they never delay the next sync.
         self.conntrack_runner = NetnsRunner(opts.netns)
+        # The grant lease is renewed, and only then acked, on a thread and
+        # libnftables context of its own: behind the ruleset's transaction
+        # (hundreds of ms at a few thousand pods), every ack waited for it,
+        # and the managers took a busy node for a lagging one, or several at
+        # once for a fault of their own view. The kernel serializes the two
+        # transactions; they touch different objects (the sync never writes
+        # the `held` elements, the lease never the ruleset).
+        self.lease_runner = NetnsRunner(opts.netns)
         # Every batch goes through the watchdog, which forces a full sync the
         # moment one of our tables is removed or changed behind our back.
         self.nft: NftPort = nft or WatchedNftApplier(
@@ -437,7 +444,7 @@ class Agent:
             self.keeper = OwnershipKeeper(
                 node=self.node,
                 key=opts.grant_key,
-                kernel=NftLease(self.nft),
+                kernel=NftLease(self.nft if nft is not None else NftApplier(self.lease_runner)),
                 on_change=poke,
                 peers=self._peers_heard,
                 readback=self._read_back,

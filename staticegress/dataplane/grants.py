@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import secrets
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -184,55 +185,73 @@ def decode_ack(key: bytes, packet: bytes) -> Ack:
         raise WireError(f"bad ack: {exc}") from exc
 
 
-class _Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, on_packet: Callable[[bytes, tuple[str, int]], None]) -> None:
-        self._on_packet = on_packet
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self._on_packet(data, (str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable while an agent restarts): the next round retries.
-        log.debug("grant socket: %s", exc)
-
-
 class UdpEndpoint:
-    """One UDP socket with a packet callback; `send` never blocks or raises."""
+    """One UDP socket with a packet callback; `send` never blocks or raises.
+
+    A plain non-blocking socket read by the loop, rather than an asyncio
+    transport, so that `drain()` can hand over what waits in the socket right
+    now: after the loop was busy, an ack that arrived meanwhile must be
+    counted before anyone judges a node silent."""
 
     def __init__(self, on_packet: Callable[[bytes, tuple[str, int]], None]) -> None:
         self._on_packet = on_packet
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
 
     async def open(self, host: str = "0.0.0.0", port: int = 0, *, sock: Any = None) -> None:
         """Bind `host:port`, or adopt `sock` (made inside another network namespace)."""
-        loop = asyncio.get_running_loop()
-        if sock is not None:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagrams(self._on_packet), sock=sock
-            )
-        else:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagrams(self._on_packet), local_addr=(host, port)
-            )
-        self._transport = transport
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+            except BaseException:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self.drain)
 
     @property
     def port(self) -> int:
-        assert self._transport is not None
-        return int(self._transport.get_extra_info("sockname")[1])
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    def drain(self) -> int:
+        """Hand every datagram waiting in the socket to the callback; how many."""
+        n = 0
+        while self._sock is not None:
+            try:
+                data, addr = self._sock.recvfrom(MAX_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # An ICMP error queued on the socket (port unreachable while an
+                # agent restarts): the next round retries.
+                log.debug("grant socket: %s", exc)
+                continue
+            n += 1
+            self._on_packet(data, (str(addr[0]), int(addr[1])))
+        return n
 
     def send(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._transport is None or len(data) > MAX_DATAGRAM:
+        if self._sock is None or len(data) > MAX_DATAGRAM:
             return
         try:
-            self._transport.sendto(data, addr)
-        except OSError as exc:
+            self._sock.sendto(data, addr)
+        except OSError as exc:  # a full buffer or no route: the next round retries
             log.debug("grant to %s not sent: %s", addr, exc)
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
 
 
 def sender_identity(name: str) -> str:

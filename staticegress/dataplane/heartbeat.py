@@ -261,6 +261,11 @@ class Prober:
         self._record(ip, True)
         return True
 
+    def drain(self) -> None:
+        """Account every reply waiting in the socket now (before a judgment
+        made outside the send loop)."""
+        self._receive()
+
     def _receive(self) -> None:
         if self._sock is None:
             return

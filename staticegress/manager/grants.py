@@ -72,7 +72,6 @@ def decode_map(text: str | None) -> tuple[int, dict[IPAddress, NodeName]] | None
 class NodeAcks:
     """What one node's agent last told us."""
 
-    first_sent: float = float("inf")
     last: float = float("-inf")
     held: frozenset[IPAddress] = frozenset()
     withheld: frozenset[IPAddress] = frozenset()
@@ -80,6 +79,9 @@ class NodeAcks:
     silent: frozenset[NodeName] = frozenset()
     sent: dict[int, float] = field(default_factory=dict)
     """Sequence numbers we sent it recently, and when."""
+    waiting_since: float | None = None
+    """When we sent the oldest grant it has not answered, of those sent after
+    the newest one it did answer; None while nothing is outstanding."""
 
 
 class GrantService:
@@ -126,16 +128,22 @@ class GrantService:
     # ------------------------------------------------------------ the views
 
     def ack_age(self, node: NodeName) -> float:
-        """Seconds since `node` last acked. A node never asked yet has age 0, and
-        one asked but silent so far counts from the first grant we sent it: a
-        new replica does not take every agent for dead before its first round."""
+        """For how many seconds `node` has left a grant unanswered: since the
+        oldest grant we sent it after the newest one it answered (0 when none
+        is outstanding, or it was never asked).
+
+        Counted from what we asked, not from its last answer: when this
+        process stalls (a long compute, a starved CPU) it sends nothing, and
+        the agents' silence over that time is ours, not theirs. Counting from
+        the last answer made every node look silent at once after a stall,
+        which the leader takes for a fault of its own view (it freezes and
+        gives up leadership), at every stall. The caller drains the socket
+        first (`endpoint.drain()`), so answers that arrived during a stall
+        count too."""
         st = self.acks.get(node)
-        now = self._clock()
-        if st is None:
+        if st is None or st.waiting_since is None:
             return 0.0
-        if st.last == float("-inf"):
-            return max(0.0, now - st.first_sent) if st.first_sent != float("inf") else 0.0
-        return now - st.last
+        return max(0.0, self._clock() - st.waiting_since)
 
     def held(self, *, within: float = 0.3) -> dict[NodeName, frozenset[IPAddress]]:
         """What each node holds, by its acks of the last `within` seconds."""
@@ -170,10 +178,17 @@ class GrantService:
         if st is None or expected is None or str(expected) != addr[0]:
             self.acks_rejected += 1
             return  # not a node we grant to, or not from its own address
-        if st.sent.pop(ack.seq, None) is None:
+        sent_at = st.sent.pop(ack.seq, None)
+        if sent_at is None:
             self.acks_rejected += 1
             return  # not an answer to a grant we sent it
         now = self._clock()
+        # It was alive after `sent_at`: only grants sent later may still be
+        # waiting (every one of them is in `sent`, which keeps the last second,
+        # since an answer is only accepted within that second).
+        later = [t for t in st.sent.values() if t > sent_at]
+        if st.waiting_since is None or st.waiting_since <= sent_at:
+            st.waiting_since = min(later) if later else None
         changed = ack.held != st.held or ack.withheld != st.withheld
         st.last, st.held, st.withheld = now, ack.held, ack.withheld
         st.peers, st.silent = ack.peers, ack.silent
@@ -185,8 +200,9 @@ class GrantService:
         self._seq += 1
         now = self._clock()
         st = self.acks.setdefault(node, NodeAcks())
-        st.first_sent = min(st.first_sent, now)
         st.sent[self._seq] = now
+        if st.waiting_since is None:
+            st.waiting_since = now
         for seq in [s for s, t in st.sent.items() if now - t > 1.0]:
             del st.sent[seq]
         grant = Grant(

@@ -455,6 +455,10 @@ class Manager:
     def _judge(self, nodes: list[Node]) -> Verdict:
         """Every candidate's health from all our views; freeze if implausible."""
         raw = self.reflectors["nodes"].store
+        # Answers that arrived while this loop was busy are waiting in the
+        # sockets: count them before judging anyone silent.
+        self.grants.endpoint.drain()
+        self.prober.drain()
         now = time.monotonic()
         views = {
             name: NodeView(

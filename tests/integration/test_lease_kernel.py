@@ -168,3 +168,45 @@ def test_cleanup_removes_the_lease_tables(pair: tuple[str, str]) -> None:
     assert "staticegress_lease" in _sh("ip", "netns", "exec", gw, "nft", "list", "tables").stdout
     assert asyncio.run(cleanup(netns=gw, uplink=None)) == []
     assert _sh("ip", "netns", "exec", gw, "nft", "list", "tables").stdout.strip() == ""
+
+
+class _NoNetlink:
+    """The agent's routing port, unused here."""
+
+
+def test_a_renewal_never_waits_for_the_rulesets_transaction(pair: tuple[str, str]) -> None:
+    """The agent acks a grant only once the renewal is in the kernel: a renewal
+    queued behind a ruleset transaction (hundreds of ms on a busy node) made
+    the managers take the node for lagging. Here the ruleset's thread is held
+    for 1.5 s; the agent's renewal lands meanwhile, in the real kernel."""
+    from kubernetes_asyncio import client
+
+    from staticegress.agent.agent import Agent, AgentOptions
+
+    gw, _ = pair
+
+    async def scenario() -> float:
+        opts = AgentOptions(
+            node="node-1",
+            transport="direct",
+            ownership="grants",
+            grant_key=b"k" * 32,
+            health_port=0,
+            netns=gw,
+        )
+        agent = Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
+        assert agent.keeper is not None
+        await agent.nft.apply({"nftables": render_lease_tables([EIP])})
+        busy = asyncio.ensure_future(agent.netns_runner.run(lambda: time.sleep(1.5)))
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        await agent.keeper._kernel.set_held(render_held({EIP: 5.0}, []))
+        took = time.monotonic() - start
+        assert not busy.done(), "the ruleset's thread was not held during the renewal"
+        await busy
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < 0.5, f"the renewal waited {took:.2f}s for the ruleset's thread"
+    nft = NftApplier(NetnsRunner(gw))
+    assert asyncio.run(NftLease(nft).current_held()) == {EIP}

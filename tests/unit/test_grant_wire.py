@@ -4,6 +4,7 @@ real UDP on loopback, with a fake kernel and an injected clock (no root)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
@@ -113,7 +114,7 @@ async def test_a_replica_grants_an_agent_which_holds_acks_and_lets_go() -> None:
     )
     keeper.set_mine(frozenset({X}))
     agent_task = asyncio.create_task(keeper.run(host="127.0.0.1", port=0))
-    await wait_until(lambda: keeper.endpoint._transport is not None)
+    await wait_until(lambda: keeper.endpoint.is_open)
     service = GrantService(identity="manager-1", key=KEY, port=keeper.endpoint.port)
     service.set_targets({A: IPv4Address("127.0.0.1")})
     service.set_map(5, {X: A})
@@ -164,7 +165,7 @@ async def test_a_restarted_agent_renews_what_its_kernel_still_holds() -> None:
     keeper = make_keeper(kernel, clock)
     task = asyncio.create_task(keeper.run(host="127.0.0.1", port=0))
     try:
-        await wait_until(lambda: keeper.endpoint._transport is not None)
+        await wait_until(lambda: keeper.endpoint.is_open)
         assert keeper.mine() == {X}
         g = Grant(sender="m/1", node=A, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X}))
         keeper.book.offer(g, now=clock.t, now_wall=0)
@@ -193,3 +194,74 @@ async def test_the_read_back_keeps_the_lease_when_grants_stop_but_the_api_answer
     clock.t += 1.9
     await keeper._tick()
     assert keeper.held_now() == {X}
+
+
+def _answer(service: GrantService, seq: int, ip: str = "127.0.0.1") -> None:
+    ack = Ack(node=A, seq=seq, held=frozenset(), withheld=frozenset(), peers=frozenset(), epoch=1)
+    service._on_packet(encode_ack(KEY, ack), (ip, 9811))
+
+
+def test_silence_counts_from_the_oldest_unanswered_grant_not_from_the_last_answer() -> None:
+    """A manager that stalls sends nothing: its agents' silence over that time
+    is its own. Counted from the last answer, every node looked silent at once
+    after a 0.5 s stall, and the leader froze and gave up leadership."""
+    clock = Clock()
+    service = GrantService(identity="manager-1", key=KEY, clock=clock)
+    service.set_targets({A: IPv4Address("127.0.0.1")})
+    assert service.ack_age(A) == 0.0  # never asked
+    service._send(A, IPv4Address("127.0.0.1"))
+    first = service._seq
+    clock.t += 0.01
+    _answer(service, first)
+    assert service.ack_age(A) == 0.0
+    clock.t += 0.5  # this process stalled: nothing sent, nothing owed
+    assert service.ack_age(A) == 0.0
+    service._send(A, IPv4Address("127.0.0.1"))
+    second = service._seq
+    clock.t += 0.1
+    service._send(A, IPv4Address("127.0.0.1"))
+    third = service._seq
+    clock.t += 0.3
+    assert service.ack_age(A) == pytest.approx(0.4)  # owed since the second grant
+    _answer(service, second)
+    assert service.ack_age(A) == pytest.approx(0.3)  # the third is still owed
+    _answer(service, first)  # a late duplicate changes nothing
+    assert service.ack_age(A) == pytest.approx(0.3)
+    _answer(service, third)
+    assert service.ack_age(A) == 0.0
+    # An agent that stops answering ages from the first grant it left unanswered.
+    for _ in range(20):
+        service._send(A, IPv4Address("127.0.0.1"))
+        clock.t += 0.1
+    assert service.ack_age(A) == pytest.approx(2.0)
+
+
+async def test_answers_waiting_in_the_socket_count_before_a_judgment() -> None:
+    """`drain()` reads what arrived while the loop was busy, without the loop."""
+    import socket
+
+    service = GrantService(identity="manager-1", key=KEY)
+    await service.endpoint.open("127.0.0.1", 0)
+    try:
+        service.set_targets({A: IPv4Address("127.0.0.1")})
+        service._send(A, IPv4Address("127.0.0.1"))
+        ack = Ack(
+            node=A,
+            seq=service._seq,
+            held=frozenset({X}),
+            withheld=frozenset(),
+            peers=frozenset(),
+            epoch=1,
+        )
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as agent:
+            agent.bind(("127.0.0.1", 0))
+            agent.sendto(encode_ack(KEY, ack), ("127.0.0.1", service.endpoint.port))
+        # Blocking, never yielding: the loop does not run its reader, as while
+        # a long callback holds it.
+        time.sleep(0.02)  # noqa: ASYNC251
+        assert service.acks_received == 0
+        assert service.endpoint.drain() == 1
+        assert service.acks_received == 1
+        assert service.ack_age(A) == 0.0
+    finally:
+        service.endpoint.close()
