@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import socket
 import time
@@ -123,11 +124,40 @@ from staticegress.k8s.trim import (
 from staticegress.model.boot import trust_since_boot
 from staticegress.model.desired import AgentConfig, DesiredState, Snapshot, compute_desired
 from staticegress.model.programmed import AgentRecord, agent_record
-from staticegress.render.lease import delete_lease_tables, render_lease_tables
+from staticegress.render.lease import LEASE_TABLE, delete_lease_tables, render_lease_tables
 from staticegress.render.netlink import NetlinkSpec, RoutingConfig, render_netlink
-from staticegress.render.nft import TUNNEL, MarkLayout, delete_table_batch, render_ruleset
+from staticegress.render.nft import (
+    FAMILY,
+    GUARD_TABLE,
+    TABLE,
+    TUNNEL,
+    MarkLayout,
+    delete_table_batch,
+    render_ruleset,
+)
+from staticegress.render.nftdiff import Key as TableKey
+from staticegress.render.nftdiff import (
+    ReplacementNeededError,
+    TableState,
+    incremental_update,
+    kernel_table_state,
+    table_state,
+)
 
 log = logging.getLogger(__name__)
+
+OWN_TABLES = (
+    (FAMILY, TABLE),
+    (FAMILY, GUARD_TABLE),
+    ("ip", LEASE_TABLE),
+    ("arp", LEASE_TABLE),
+)
+LEASE_HELD = (("ip", LEASE_TABLE, "held"), ("arp", LEASE_TABLE, "held"))
+"""Written by the grant path only: never part of a sync's update."""
+
+RELEASE_SETS = {(FAMILY, TABLE): ["known_local_pods"]}
+"""A new key here lifts the hold of a new pod: it goes in only once the pod's
+steering is in the kernel (the second transaction of an update)."""
 
 AGENT_HEALTH_PORT = 9744
 """/livez, /healthz, /readyz and /metrics, on the node's address. Chosen to
@@ -348,6 +378,9 @@ class Agent:
         self._repair_queue: set[IPv4Address] = set()
         self._repair_args: tuple[list[IPv4Address], list[IPv4Network]] = ([], [])
         self._repair_task: asyncio.Task[None] | None = None
+        self._tables: dict[TableKey, TableState] | None = None
+        """What our last batches left in the kernel, when known."""
+        self._kernel_read = False
         self._resets: list[tuple[str, list[IPv4Address], list[IPv4Network]]] = []
         """Connection resets the syncs asked for (why, pods, destinations kept),
         done in order by the background conntrack worker."""
@@ -394,6 +427,17 @@ class Agent:
                 "connections_reset_total",
                 "counter",
                 "Connections deleted because their pod's egress path or destinations changed.",
+            ),
+            (
+                "table_updates_total",
+                "counter",
+                "Syncs that changed our nftables tables in place (only what differed).",
+            ),
+            (
+                "table_replacements_total",
+                "counter",
+                "Syncs that replaced our nftables tables whole (first sync, after an error "
+                "or an outside edit).",
             ),
             ("nft_restores_total", "counter", "Our nftables tables restored after outside edits."),
             (
@@ -704,7 +748,7 @@ class Agent:
         if spec.tunnel is not None or self.sysctl_problems:
             await self._prepare_host(tunnel=TUNNEL if spec.tunnel is not None else None)
         try:
-            await self.nft.apply(batch)
+            await self._apply_tables(batch, reassert=force)
         except NftError as exc:
             self.metrics.inc("sync_errors_total")
             raise TemporaryError(f"nftables refused the ruleset: {exc}") from exc
@@ -735,6 +779,67 @@ class Agent:
             ",".join(f"{g.node}:{g.slot}" for g in desired.gateways) or "-",
         )
 
+    async def _apply_tables(self, batch: dict[str, Any], *, reassert: bool) -> None:
+        """Bring our tables to `batch`: in place, from the difference with the
+        last batch the kernel took (staticegress.render.nftdiff: a replacement
+        lets a few new flows of steered pods out masqueraded), or whole when
+        what the kernel holds is not known (first sync, after an error, after
+        a table changed behind our back) or a definition changed."""
+        state = table_state([batch])
+        updates = [batch]
+        adopted = False
+        if self._tables is None and not self._kernel_read:
+            # The first sync of this process: what the previous run left is
+            # still steering traffic; change that in place too.
+            self._kernel_read = True
+            self._tables = await self._read_tables()
+            adopted = self._tables is not None
+        if self._tables is not None:
+            try:
+                updates = incremental_update(
+                    self._tables, state, release=RELEASE_SETS, reassert=reassert
+                )
+            except ReplacementNeededError as exc:
+                log.info("node=%s replacing our tables whole: %s", self.node, exc)
+            else:
+                if adopted:
+                    # `add table` of a table that exists changes nothing, and
+                    # tells the watchdog which tables are ours to watch.
+                    owned = [{"add": {"table": {"family": f, "name": n}}} for f, n in state]
+                    first = updates[0]["nftables"] if updates else []
+                    updates = [{"nftables": owned + first}, *updates[1:]]
+        self._tables = None  # unknown until every update is in
+        for update in updates:
+            await self.nft.apply(update)
+        self._tables = state
+        whole = updates == [batch]
+        self.metrics.inc("table_replacements_total" if whole else "table_updates_total")
+
+    async def _read_tables(self) -> dict[TableKey, TableState] | None:
+        """Our tables as the kernel holds them, or None when the main one is
+        missing (a fresh node: nothing to keep) or cannot be read."""
+        listings = []
+        for family, name in OWN_TABLES:
+            cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
+            try:
+                out = await self.nft.run(cmd)
+            except NftError:
+                continue  # absent
+            listings.append(json.loads(out) if isinstance(out, str) else out)
+        try:
+            tables = kernel_table_state(listings, skip_elements=LEASE_HELD)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("node=%s our tables in the kernel are unreadable (%s)", self.node, exc)
+            return None
+        if (FAMILY, TABLE) not in tables:
+            return None
+        log.info(
+            "node=%s changing in place what the previous run left: %s",
+            self.node,
+            ", ".join(" ".join(k) for k in sorted(tables)),
+        )
+        return tables
+
     async def _flush_conntrack(self, keep_by_pod: Mapping[IPv4Address, list[IPv4Network]]) -> int:
         return await self.conntrack_runner.run(lambda: flush_destinations(keep_by_pod))
 
@@ -744,6 +849,7 @@ class Agent:
         return await self.conntrack_runner.run(lambda: flush_misnated(pods, allowed, keep))
 
     def _table_lost(self) -> None:
+        self._tables = None  # changed behind our back: replace whole
         self._repair_all = True
         self.runner.poke(force=True)
 

@@ -2,9 +2,12 @@
 in libnftables JSON. Pure.
 
 The batch deletes and recreates `table ip staticegress` (and
-`staticegress_guard`) in one transaction (add, delete, add, contents): no
-packet ever sees a half-built table, and a batch the kernel refuses leaves the
-previous tables untouched. What a packet walks does not grow with rules or
+`staticegress_guard`) in one transaction (add, delete, add, contents): a batch
+the kernel refuses leaves the previous tables untouched. The agent applies it
+whole only when it does not know what the kernel holds; every other sync
+changes the kernel in place, from the difference between this batch and the
+last (staticegress.render.nftdiff), because a packet crossing a replacement
+can miss the new sets. What a packet walks does not grow with rules or
 pods: the model resolved rule order, exclusions and the rules' overlaps into
 disjoint pod . destination pieces (`DesiredState.steer_pieces`,
 `snat_pieces`); pods with the same pieces form a class, and a packet costs one
@@ -22,16 +25,17 @@ The table, as nft prints it:
                                 # destination -> goto steer_to_gateway_S / accept / drop
       map snat_pods             { type ipv4_addr : verdict }  # pod -> jump snat_class_K
       map snat_class_K_dst      { type ipv4_addr : verdict; flags interval }
-                                # destination -> goto snat_to_N
+                                # destination -> goto snat_to_EIP
       set remote_selected_pods  { type ipv4_addr }
 
       chain steer_to_gateway_S {          # one per remote gateway slot S
         meta mark set meta mark & ~SLOTS | S << SHIFT
       }
-      chain snat_to_N {                   # one per egress IP this node owns
-        ct mark set ct mark | RETURN snat ip to EGRESS_IP_N
+      chain snat_to_EIP {                 # one per egress IP this node owns (dots as _)
+        ct mark set ct mark | RETURN snat ip to EIP
       }
-      chain steer_class_K {               # one per class of local pods (snat_class_K alike)
+      chain steer_class_K {               # one per class of local pods (snat_class_K alike);
+                                          # K: a digest of the class's pieces, stable across syncs
         ip daddr != @cluster_ranges ip daddr vmap @steer_class_K_dst
       }
       chain prerouting {                  # after kube-proxy's DNAT: services are resolved
@@ -96,6 +100,7 @@ Why each piece:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
@@ -109,6 +114,10 @@ FAMILY = "ip"
 TUNNEL = "segress0"
 
 Json = dict[str, Any]
+
+CLASS_DIGEST = 12
+"""Hex digits of a class's name: 48 bits, so two classes of one node never
+share a name (a node has at most a few thousand classes)."""
 
 
 @dataclass(frozen=True)
@@ -200,9 +209,12 @@ def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> 
         ip: tuple(sorted(((n, repr(sorted(v.items()))) for n, v in entries), key=str))
         for ip, entries in by_pod.items()
     }
-    classes = {key: k for k, key in enumerate(sorted(set(keyed.values()), key=str))}
+    # A class is named after its content, so a class keeps its name (and its
+    # map, untouched) from one sync to the next while other classes come and
+    # go: syncs change the kernel in place (staticegress.render.nftdiff).
+    classes = {key: _digest(repr(key)) for key in set(keyed.values())}
     cmds: list[Json] = []
-    members: dict[int, IPv4Address] = {}
+    members: dict[str, IPv4Address] = {}
     for ip, key in keyed.items():
         members.setdefault(classes[key], ip)
     for k in sorted(members):
@@ -213,7 +225,7 @@ def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> 
             _map(
                 f"{name}_dst",
                 f"{kind}: destination -> verdict for the pods of class {k}",
-                [[_elem(net), verdict] for net, verdict in by_pod[sample]],
+                [[_elem(net), verdict] for net, verdict in sorted(by_pod[sample], key=str)],
                 interval=True,
             )
         )
@@ -236,6 +248,10 @@ def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> 
         )
     )
     return cmds
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:CLASS_DIGEST]
 
 
 def _map(name: str, comment: str, elems: list[Any], *, interval: bool) -> Json:
@@ -319,7 +335,8 @@ def render_ruleset(
 
     # The SNAT verdicts jump to one chain per egress IP this node SNATs to.
     snat_chain = {
-        eip: f"snat_to_{i}" for i, eip in enumerate(sorted({e for *_, e in desired.snat_pieces}))
+        eip: f"snat_to_{str(eip).replace('.', '_')}"
+        for eip in sorted({e for *_, e in desired.snat_pieces})
     }
     for eip, name in snat_chain.items():
         cmds.append(_chain(name))

@@ -250,8 +250,9 @@ def test_the_kernel_lookup_gives_the_first_rule(netns: str) -> None:
         assert _kernel_verdict(netns, "steer", "10.244.1.2", dst) == want, dst
     # The remote pod: this gateway SNATs only what the younger rule wins.
     assert _kernel_verdict(netns, "snat", "10.244.3.2", "203.0.113.5") is None
-    assert _kernel_verdict(netns, "snat", "10.244.3.2", "203.0.113.200") == "snat_to_0"
+    snat_chain = "snat_to_198_51_100_201"
+    assert _kernel_verdict(netns, "snat", "10.244.3.2", "203.0.113.200") == snat_chain
     chain = _sh(
-        "ip", "netns", "exec", netns, "nft", "list", "chain", "ip", "staticegress", "snat_to_0"
+        "ip", "netns", "exec", netns, "nft", "list", "chain", "ip", "staticegress", snat_chain
     )
     assert "snat to 198.51.100.201" in chain
