@@ -958,7 +958,9 @@ def steady_cpu(seconds: float = 10.0) -> dict[str, float]:
     return {k: 100 * (cpu_seconds(p) - before[k]) / seconds for k, p in procs.items()}
 
 
-SYNC_LINE = re.compile(r"node=(\S+) sync applied in ([0-9.]+)s rules=(\d+) steered=(\d+)")
+SYNC_LINE = re.compile(
+    r"node=(\S+) sync applied in ([0-9.]+)s (?:changed=(\S+).*? )?rules=(\d+) steered=(\d+)"
+)
 
 
 def log_lines(pattern: str, since: float) -> Iterator[tuple[str, float, str]]:
@@ -982,6 +984,17 @@ def sync_times(since: float) -> dict[str, list[float]]:
         m = SYNC_LINE.search(line)
         if m:
             out.setdefault(m[1], []).append(float(m[2]))
+    return out
+
+
+def sync_causes(since: float) -> dict[str, int]:
+    """What the logged syncs since `since` changed: desired-state part -> syncs."""
+    out: dict[str, int] = {}
+    for _, _, line in log_lines("agent-*.log", since):
+        m = SYNC_LINE.search(line)
+        for name in (m[3] or "").split(",") if m else ():
+            if name:
+                out[name] = out.get(name, 0) + 1
     return out
 
 
@@ -1082,6 +1095,8 @@ class Results:
     syncs: dict[str, list[float]] = field(default_factory=dict)
     computed: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Node -> (syncs, seconds in them) during the measurements, from the metrics."""
+    causes: dict[str, int] = field(default_factory=dict)
+    """What the logged syncs changed (desired-state part -> syncs)."""
 
 
 async def measure(args: argparse.Namespace, res: Results) -> None:
@@ -1147,6 +1162,7 @@ async def measure(args: argparse.Namespace, res: Results) -> None:
                 await kube.delete_egress(name)
                 await asyncio.sleep(1)
             res.syncs = sync_times(since)
+            res.causes = sync_causes(since)
             after = await asyncio.to_thread(agent_syncs)
             res.computed = {
                 node: (after[node][0] - c0, after[node][1] - t0)
@@ -1224,6 +1240,11 @@ def report(args: argparse.Namespace, res: Results) -> None:
         print(
             f"  {node:8}{len(times):6}{pct(times, 0.5):8.3f}{pct(times, 0.95):8.3f}"
             f"{max(times):8.3f}   all: {syncs:5.0f}{total / max(syncs, 1):8.3f}"
+        )
+    if res.causes:
+        print(
+            "  what they changed (part of the desired state: syncs): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(res.causes.items(), key=lambda kv: -kv[1]))
         )
     load = res.load
     print(

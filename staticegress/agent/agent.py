@@ -55,7 +55,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
@@ -766,12 +766,25 @@ class Agent:
         if errors:
             self.metrics.inc("sync_errors_total")
             raise TemporaryError(f"{len(errors)} routing changes failed: {errors[0]}")
+        # What made this sync: which parts of the desired state changed (or a
+        # forced run): the first question when a node syncs more than expected.
+        changed = (
+            [
+                f.name
+                for f in fields(desired)
+                if getattr(desired, f.name) != getattr(previous, f.name)
+            ]
+            if (previous := self.applied) is not None
+            else ["everything"]
+        )
         self.applied = desired
         self._record(desired, start)
         log.info(
-            "node=%s sync applied in %.3fs rules=%d steered=%d snat=%d owned=%s gateways=%s",
+            "node=%s sync applied in %.3fs changed=%s rules=%d steered=%d snat=%d owned=%s "
+            "gateways=%s",
             self.node,
             time.perf_counter() - start,
+            ",".join(changed) or "nothing (forced)",
             sum(1 for r in desired.rules if r.steer or r.snat),
             desired.pods_steered,
             desired.pods_snat,

@@ -45,6 +45,12 @@ from staticegress.render.lease import render_held
 
 log = logging.getLogger(__name__)
 
+RENEW_EVERY = 0.25
+"""Seconds: a grant that only moves the deadlines out by less than this is not
+written to the kernel. Every manager replica grants ten times a second, and
+each write is a transaction (and a notification every nftables listener
+wakes for); the lease a node holds is at most this much shorter for it."""
+
 
 class LeaseKernel(Protocol):
     """Where the `held` sets live (the kernel, or a fake in tests)."""
@@ -173,6 +179,16 @@ class OwnershipKeeper:
             deadlines = self.book.deadlines(now=now, mine=self.mine())
             left = {ip: until - now for ip, until in deadlines.items()}
             released = set(self._in_kernel) - set(left)
+            if (
+                not released
+                and set(left) == set(self._in_kernel)
+                and all(0 <= deadlines[ip] - self._in_kernel[ip] < RENEW_EVERY for ip in left)
+            ):
+                # Same IPs, each deadline pushed out by less than RENEW_EVERY:
+                # the kernel keeps the slightly earlier one (never a later one
+                # than granted), and no transaction is spent.
+                self._changed(frozenset(left))
+                return
             text = render_held(left, released)
             if text:
                 try:

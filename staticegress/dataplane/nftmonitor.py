@@ -16,7 +16,9 @@ is the agent's `NftApplier` plus a watchdog that repairs it within a second:
   NETLINK_NETFILTER socket in group NFNLGRP_NFTABLES, opened on the
   applier's thread so it lives in the namespace we program) and, after every
   burst of notifications, compares the fingerprints: one cheap listing per
-  owned table, coalesced however many messages arrived. It also compares
+  owned table, coalesced however many messages arrived. A burst of set
+  element messages only (the grant lease renews ten times a second per
+  manager) cannot change a fingerprint, and is not compared. It also compares
   every `poll_interval` seconds, in case notifications were lost (the
   socket overflowed: ENOBUFS) or the socket could not be opened at all;
 - on a difference it calls `on_drift()` once (the agent forces a full
@@ -44,6 +46,7 @@ import errno
 import hashlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -143,6 +146,8 @@ class WatchedNftApplier(NftApplier):
         self._last_repair_request = float("-inf")
         self.restores = 0
         self.checks = 0
+        self.skipped = 0
+        """Notification bursts of set elements only, which need no check."""
 
     # --------------------------------------------------- on the runner's thread
 
@@ -255,12 +260,18 @@ class WatchedNftApplier(NftApplier):
             while True:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that races with the event, and the task never ends.
+                woke = False
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.poll_interval):
                         await woken.wait()
+                        woke = True
                 woken.clear()
-                if sock is not None:
-                    _drain(sock)
+                if sock is not None and not _drain(sock) and woke:
+                    # Only elements changed (the grant lease's renewals, ten
+                    # times a second per manager): fingerprints hold no
+                    # elements, so there is nothing to compare.
+                    self.skipped += 1
+                    continue
                 await self.check()
         finally:
             if sock is not None:
@@ -268,16 +279,38 @@ class WatchedNftApplier(NftApplier):
                 sock.close()
 
 
-def _drain(sock: socket.socket) -> None:
-    """Read every queued notification; their content does not matter, only that
-    something changed."""
+NFNL_SUBSYS_NFTABLES = 10
+ELEMENT_ONLY = frozenset({12, 14, 15, 30})
+"""nftables messages that change no table's structure: NEWSETELEM, DELSETELEM,
+NEWGEN (the end of every transaction) and DESTROYSETELEM."""
+
+
+def structural(data: bytes) -> bool:
+    """Whether a buffer of netlink messages holds one that may change a table's
+    structure (anything but set elements and the generation)."""
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES or (kind & 0xFF) not in ELEMENT_ONLY:
+            return True
+        if length < 16:
+            return True  # malformed: look
+        off += (length + 3) & ~3
+    return False
+
+
+def _drain(sock: socket.socket) -> bool:
+    """Read every queued notification; whether any may have changed a table's
+    structure (or some were lost)."""
+    seen = False
     while True:
         try:
-            sock.recv(65536)
+            seen = structural(sock.recv(65536)) or seen
         except BlockingIOError:
-            return
+            return seen
         except OSError as exc:
             if exc.errno != errno.ENOBUFS:
                 raise
             # Some notifications were dropped: the check that follows covers them.
             log.debug("nftables: notification socket overflowed")
+            seen = True

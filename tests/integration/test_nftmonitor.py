@@ -194,3 +194,48 @@ async def test_without_notifications_the_poll_still_repairs(
     async with _started(agent):
         await asyncio.to_thread(_nft, netns, "delete", "table", "ip", "staticegress")
         await _until("the repair by polling", lambda: agent.restored, seconds=2.0)
+
+
+async def test_element_changes_cost_no_check_and_a_structural_one_still_does(
+    netns: str,
+) -> None:
+    """The grant lease writes set elements ten times a second per manager: a
+    check (a listing of every table of ours) after each cost an agent a
+    noticeable share of a core at rest. Element-only bursts are skipped; the
+    rule added after them is still seen and repaired."""
+    async with _started(_Agent(netns)) as agent:
+        checks = agent.nft.checks
+        for i in range(20):
+            await asyncio.to_thread(
+                _nft, netns, "add", "element", "ip", "staticegress", "known_local_pods",
+                f"{{ 10.244.1.{100 + i} }}",
+            )  # fmt: skip
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert agent.nft.skipped >= 10, agent.nft.skipped
+        assert agent.nft.checks == checks, "a check ran for element changes"
+        before = _nft(netns, "list", "chain", "ip", "staticegress", "prerouting")
+        await asyncio.to_thread(
+            _nft, netns, "add", "rule", "ip", "staticegress", "prerouting", "counter"
+        )
+        await _until("the repair", lambda: agent.restored)
+        assert _nft(netns, "list", "chain", "ip", "staticegress", "prerouting") == before
+
+
+def test_only_element_and_generation_messages_count_as_not_structural() -> None:
+    def msg(kind: int) -> bytes:
+        import struct
+
+        return struct.pack("=IHHII", 20, (10 << 8) | kind, 0, 0, 0) + b"\0" * 4
+
+    assert not nftmonitor.structural(msg(12) + msg(15))  # NEWSETELEM, NEWGEN
+    assert not nftmonitor.structural(msg(14))  # DELSETELEM
+    assert nftmonitor.structural(msg(12) + msg(6))  # ... and a NEWRULE
+    assert nftmonitor.structural(msg(2))  # DELTABLE
+    assert nftmonitor.structural(struct_pack_other())
+
+
+def struct_pack_other() -> bytes:
+    import struct
+
+    return struct.pack("=IHHII", 16, (1 << 8) | 12, 0, 0, 0)  # another subsystem

@@ -265,3 +265,44 @@ async def test_answers_waiting_in_the_socket_count_before_a_judgment() -> None:
         assert service.ack_age(A) == 0.0
     finally:
         service.endpoint.close()
+
+
+async def test_renewals_reach_the_kernel_at_most_every_quarter_second_unless_they_shorten() -> None:
+    """Grants come ten times a second per manager; writing each one was a
+    transaction each time. A renewal that only pushes the deadline out by
+    less than RENEW_EVERY is skipped; a shorter or a released grant never is."""
+    from staticegress.agent.ownership import RENEW_EVERY
+
+    clock = Clock()
+    kernel = FakeKernel()
+    keeper = make_keeper(kernel, clock)
+    keeper.set_mine(frozenset({X}))
+    await asyncio.sleep(0)
+
+    def grant(seq: int, ttl: float = 2.0, ips: frozenset[IPAddress] = frozenset({X})) -> None:
+        g = Grant(sender="m/1", node=A, epoch=1, seq=seq, sent_wall=0, ttl=ttl, ips=ips)
+        assert keeper.book.offer(g, now=clock.t, now_wall=0) is None
+
+    grant(1)
+    await keeper.apply()
+    writes = len(kernel.commands)
+    assert keeper.held_now() == {X}
+    clock.t += 0.1
+    grant(2)
+    await keeper.apply()
+    assert len(kernel.commands) == writes, "a renewal by 0.1 s was written"
+    clock.t += RENEW_EVERY
+    grant(3)
+    await keeper.apply()
+    assert len(kernel.commands) == writes + 1
+    assert "timeout 2000ms" in kernel.commands[-1]
+    clock.t += 0.05
+    grant(4, ttl=1.0)  # shorter: at once
+    await keeper.apply()
+    assert len(kernel.commands) == writes + 2
+    assert "timeout 1000ms" in kernel.commands[-1]
+    clock.t += 0.05
+    grant(5, ips=frozenset())  # released: at once
+    await keeper.apply()
+    assert "timeout 1ms" in kernel.commands[-1]
+    assert keeper.held_now() == frozenset()
