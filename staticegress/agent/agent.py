@@ -732,14 +732,14 @@ class Agent:
             marks=self.opts.marks,
         )
         spec = render_netlink(desired, transport=self.transport, cfg=routing)
-        batch = render_ruleset(desired, transport=self.transport, marks=self.opts.marks)
-        # The lease tables ride in the same transaction: created if missing,
-        # gating every IP we are named for or still have as an address.
+        # The lease tables ride along: created if missing, gating every IP we
+        # are named for or still have as an address.
+        gated: set[IPAddress] | None = None
         if self.keeper is not None:
-            gated = set(desired.named) | set(self.applied.owned if self.applied else ())
-            batch["nftables"] += render_lease_tables(gated, arp_ips=desired.egress_ips)
-        else:
-            batch["nftables"] += delete_lease_tables()
+            gated = {*desired.named, *(self.applied.owned if self.applied else ())}
+        # Rendering is pure and, at a few thousand pods, tens of ms: on a
+        # thread, so that the loop answers grants meanwhile.
+        batch = await asyncio.to_thread(self._render_tables, desired, self.transport, gated)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("node=%s ruleset=%s", self.node, batch)
         errors: list[str] = []
@@ -792,13 +792,23 @@ class Agent:
             ",".join(f"{g.node}:{g.slot}" for g in desired.gateways) or "-",
         )
 
+    def _render_tables(
+        self, desired: DesiredState, transport: str, gated: set[IPAddress] | None
+    ) -> dict[str, Any]:
+        batch = render_ruleset(desired, transport=transport, marks=self.opts.marks)
+        if gated is not None:
+            batch["nftables"] += render_lease_tables(gated, arp_ips=desired.egress_ips)
+        else:
+            batch["nftables"] += delete_lease_tables()
+        return batch
+
     async def _apply_tables(self, batch: dict[str, Any], *, reassert: bool) -> None:
         """Bring our tables to `batch`: in place, from the difference with the
         last batch the kernel took (staticegress.render.nftdiff: a replacement
         lets a few new flows of steered pods out masqueraded), or whole when
         what the kernel holds is not known (first sync, after an error, after
         a table changed behind our back) or a definition changed."""
-        state = table_state([batch])
+        state = await asyncio.to_thread(table_state, [batch])
         updates = [batch]
         adopted = False
         if self._tables is None and not self._kernel_read:
@@ -809,8 +819,12 @@ class Agent:
             adopted = self._tables is not None
         if self._tables is not None:
             try:
-                updates = incremental_update(
-                    self._tables, state, release=RELEASE_SETS, reassert=reassert
+                updates = await asyncio.to_thread(
+                    incremental_update,
+                    self._tables,
+                    state,
+                    release=RELEASE_SETS,
+                    reassert=reassert,
                 )
             except ReplacementNeededError as exc:
                 log.info("node=%s replacing our tables whole: %s", self.node, exc)
