@@ -40,7 +40,7 @@ from staticegress.dataplane.grants import (
     encode_ack,
     ips_text,
 )
-from staticegress.model.ownership import GRANT_TTL, GrantBook
+from staticegress.model.ownership import GRANT_TTL, GrantBook, Reject
 from staticegress.render.lease import render_held
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class OwnershipKeeper:
         self._valid: frozenset[IPAddress] = frozenset()
         self.accepted = 0
         self.rejected = 0
+        self.stale_epochs = 0
+        """Grants of an older map, answered but not taken."""
         self.readbacks = 0
         self._last_readback = float("-inf")
         self._rejected_logged: set[str] = set()
@@ -135,6 +137,16 @@ class OwnershipKeeper:
             return
         silent = self.book.silent_for(self._clock())
         why = self.book.offer(grant, now=self._clock(), now_wall=self._wall())
+        if why is Reject.OLD_EPOCH:
+            # An authentic, fresh grant of a map older than one we took: a
+            # replica that has not read the leader's newest map yet. It
+            # grants nothing, but it is answered: the acks are how every
+            # replica tells a live agent from a dead one, and without them a
+            # standby took every node for silent after each new map, and
+            # froze (reluctant to take over, should the leader die then).
+            self.stale_epochs += 1
+            self._spawn(self._ack(grant.seq, addr))
+            return
         if why is not None:
             self._reject(f"from {addr[0]} ({grant.sender}): {why.value}")
             return
@@ -158,6 +170,9 @@ class OwnershipKeeper:
 
     async def _apply_and_ack(self, seq: int, addr: tuple[str, int]) -> None:
         await self.apply()
+        await self._ack(seq, addr)
+
+    async def _ack(self, seq: int, addr: tuple[str, int]) -> None:
         heard, silent = self._peers()
         ack = Ack(
             node=self.node,

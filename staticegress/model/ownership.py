@@ -100,6 +100,9 @@ class GrantBook:
         if grant.seq <= self._last_seq.get(grant.sender, -1):
             return Reject.REPLAY
         if grant.epoch < self.max_epoch:
+            # Seen, so a copy replayed later is a replay: the agent answers
+            # such a grant (its sender is alive, only behind), once.
+            self._last_seq[grant.sender] = grant.seq
             return Reject.OLD_EPOCH
         if not 0 < grant.ttl <= self.max_ttl:
             return Reject.BAD_TTL

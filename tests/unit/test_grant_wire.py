@@ -306,3 +306,38 @@ async def test_renewals_reach_the_kernel_at_most_every_quarter_second_unless_the
     await keeper.apply()
     assert "timeout 1ms" in kernel.commands[-1]
     assert keeper.held_now() == frozenset()
+
+
+async def test_a_grant_of_an_older_map_is_answered_but_not_taken() -> None:
+    """A standby that has not read the leader's newest map yet still hears every
+    live agent: unanswered, it took all of them for silent after each new map
+    and froze. The answer takes nothing: the older map's IPs stay unheld."""
+    from staticegress.agent.ownership import OwnershipKeeper as Keeper
+
+    clock = Clock()
+    kernel = FakeKernel()
+    keeper: Keeper = make_keeper(kernel, clock)
+    keeper.set_mine(frozenset({X}))
+    sent: list[tuple[bytes, tuple[str, int]]] = []
+    keeper.endpoint.send = lambda data, addr: sent.append((data, addr))  # type: ignore[method-assign]
+
+    def packet(sender: str, seq: int, epoch: int, ips: frozenset[IPAddress]) -> bytes:
+        g = Grant(sender=sender, node=A, epoch=epoch, seq=seq, sent_wall=clock.t, ttl=2.0, ips=ips)
+        return encode_grant(KEY, g)
+
+    keeper._wall = lambda: clock.t
+    keeper._on_packet(packet("leader/aa", 1, 7, frozenset()), ("198.51.100.2", 40000))
+    await asyncio.sleep(0.01)
+    keeper._on_packet(packet("standby/bb", 1, 6, frozenset({X})), ("198.51.100.3", 40001))
+    await asyncio.sleep(0.01)
+    acks = [(decode_ack(KEY, data), addr) for data, addr in sent]
+    assert [(a.seq, addr[0]) for a, addr in acks] == [(1, "198.51.100.2"), (1, "198.51.100.3")]
+    standby_ack = acks[1][0]
+    assert standby_ack.held == frozenset(), "an older map's grant was taken"
+    assert standby_ack.epoch == 7  # tells the standby it is behind
+    assert keeper.held_now() == frozenset()
+    assert keeper.stale_epochs == 1
+    # The same datagram replayed is not answered again.
+    keeper._on_packet(packet("standby/bb", 1, 6, frozenset({X})), ("198.51.100.3", 40001))
+    await asyncio.sleep(0.01)
+    assert len(sent) == 2

@@ -106,6 +106,11 @@ def test_a_newer_epoch_voids_grants_of_the_older_map() -> None:
         is Reject.OLD_EPOCH
     )
     assert book.deadlines(now=0.3, mine=frozenset({X})) == {}
+    # Seen: the same grant again is a replay (the agent answers it only once).
+    assert (
+        book.offer(grant(X, sender="standby/bb", epoch=1, seq=2), now=0.4, now_wall=WALL)
+        is Reject.REPLAY
+    )
 
 
 def test_a_read_back_renews_from_when_the_read_was_sent() -> None:
