@@ -381,6 +381,8 @@ class Agent:
         self._tables: dict[TableKey, TableState] | None = None
         """What our last batches left in the kernel, when known."""
         self._kernel_read = False
+        self._drifts = 0
+        """Outside edits noticed so far (an apply under way must not undo one)."""
         self._resets: list[tuple[str, list[IPv4Address], list[IPv4Network]]] = []
         """Connection resets the syncs asked for (why, pods, destinations kept),
         done in order by the background conntrack worker."""
@@ -836,11 +838,16 @@ class Agent:
                     first = updates[0]["nftables"] if updates else []
                     updates = [{"nftables": owned + first}, *updates[1:]]
         self._tables = None  # unknown until every update is in
+        drifts = self._drifts
         for update in updates:
             await self.nft.apply(update)
-        self._tables = state
+        # A table of ours changed behind our back while we applied: what the
+        # kernel holds is not `state`, and the forced sync must replace whole.
+        self._tables = state if self._drifts == drifts else None
         whole = updates == [batch]
         self.metrics.inc("table_replacements_total" if whole else "table_updates_total")
+        if whole and self.keeper is not None:
+            self.keeper.kernel_rewritten()
 
     async def _read_tables(self) -> dict[TableKey, TableState] | None:
         """Our tables as the kernel holds them, or None when the main one is
@@ -850,8 +857,11 @@ class Agent:
             cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
             try:
                 out = await self.nft.run(cmd)
-            except NftError:
-                continue  # absent
+            except NftError as exc:
+                if "No such file or directory" in str(exc):
+                    continue  # absent: nothing to keep
+                log.warning("node=%s cannot list %s %s (%s)", self.node, family, name, exc)
+                return None
             listings.append(json.loads(out) if isinstance(out, str) else out)
         try:
             tables = kernel_table_state(listings, skip_elements=LEASE_HELD)
@@ -877,6 +887,7 @@ class Agent:
 
     def _table_lost(self) -> None:
         self._tables = None  # changed behind our back: replace whole
+        self._drifts += 1
         self._repair_all = True
         self.runner.poke(force=True)
 

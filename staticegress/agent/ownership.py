@@ -187,6 +187,13 @@ class OwnershipKeeper:
 
     # -------------------------------------------------------------- kernel
 
+    def kernel_rewritten(self) -> None:
+        """Our tables were written whole (after an outside edit or a flush, the
+        lease's `held` set may be empty): write the grants again now, rather
+        than when a renewal next moves a deadline by RENEW_EVERY."""
+        self._in_kernel = {}
+        self._spawn(self.apply())
+
     async def apply(self) -> None:
         """Make the kernel's `held` sets equal the grant book now."""
         async with self._lock:

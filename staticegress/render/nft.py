@@ -526,7 +526,8 @@ def render_guard(desired: DesiredState) -> list[Json]:
     """The guard table, in its own table so that it survives ours being removed
     (see the module's docstring): a selected pod's connection whose source NAT
     chose an address other than an egress IP, towards a destination a rule
-    steers it for, is dropped on every packet. Replaced whole, like ours."""
+    steers it for, is dropped on every packet. Rendered whole and applied in
+    place, like ours."""
     guarded = _guarded(desired)
     if not guarded:
         return _replace_table(GUARD_TABLE, keep=False)

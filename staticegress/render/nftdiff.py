@@ -23,8 +23,15 @@ place and leaves everything else untouched, and it runs in two transactions
 2. switches and removals: changed values (a pod's class), new release keys
    (a new pod becomes known, which lifts the hold; by then its steering is
    in place), changed rules (flush and re-add: rules change atomically),
-   removed keys, then removed sets and chains, and tables that are no
-   longer wanted.
+   removed keys, then the ranges that replace them (an interval set refuses
+   an element overlapping one it holds: a node's range collapsing with its
+   neighbours', a narrowed destination), then removed sets and chains, and
+   tables that are no longer wanted. Only the addresses of such a replaced
+   range can miss during that commit.
+
+A periodic resync (`reassert`) also re-adds every element and rewrites every
+chain's rules, removing nothing: elements deleted and rules edited behind our
+back come back.
 
 A whole replacement is still what the agent does when it does not know what
 the kernel holds (its first sync, after an error, after a table was changed
@@ -41,6 +48,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, summarize_address_range
 from typing import Any
 
 Json = dict[str, Any]
@@ -74,8 +82,81 @@ class TableState:
     """Chain -> its rules' bodies, in order."""
 
 
+def _key_of(kind: str, elem: Any) -> Any:
+    return elem[0] if kind == "map" and isinstance(elem, list) else elem
+
+
 def _element_key(kind: str, elem: Any) -> str:
-    return _canon(elem[0] if kind == "map" and isinstance(elem, list) else elem)
+    return _canon(_key_of(kind, elem))
+
+
+def _normal(value: Any) -> Any:
+    """One spelling per meaning for the address forms nft reads and writes: a /32
+    prefix or a one-address range is the address, a range that is a prefix
+    is the prefix (as the renderer writes them), inside concatenations too."""
+    if isinstance(value, dict):
+        if "prefix" in value and isinstance(value["prefix"], dict):
+            pre = value["prefix"]
+            if pre.get("len") == 32:
+                return str(pre["addr"])
+        elif "range" in value and isinstance(value["range"], list) and len(value["range"]) == 2:
+            try:
+                lo, hi = (IPv4Address(str(a)) for a in value["range"])
+            except ValueError:
+                return value
+            nets = list(summarize_address_range(lo, hi))
+            if len(nets) == 1:
+                n = nets[0]
+                if n.prefixlen == 32:
+                    return str(n.network_address)
+                return {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+        elif "concat" in value and isinstance(value["concat"], list):
+            return {"concat": [_normal(v) for v in value["concat"]]}
+    return value
+
+
+def _normal_element(kind: str, elem: Any) -> Any:
+    if kind == "map" and isinstance(elem, list) and len(elem) == 2:
+        return [_normal(elem[0]), elem[1]]
+    return _normal(elem)
+
+
+Span = tuple[tuple[int, int], ...]
+
+
+def _spans(key: Any) -> Span | None:
+    """Per field, the (first, last) address a key covers; None if unknown."""
+    fields = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
+    out: list[tuple[int, int]] = []
+    for f in fields:
+        try:
+            if isinstance(f, str):
+                a = int(IPv4Address(f))
+                out.append((a, a))
+            elif isinstance(f, dict) and "prefix" in f:
+                n = IPv4Network(f"{f['prefix']['addr']}/{f['prefix']['len']}")
+                out.append((int(n.network_address), int(n.broadcast_address)))
+            elif isinstance(f, dict) and "range" in f:
+                lo, hi = (int(IPv4Address(str(a))) for a in f["range"])
+                out.append((lo, hi))
+            else:
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None
+    return tuple(out)
+
+
+def _overlaps_any(span: Span | None, others: Sequence[Span | None]) -> bool:
+    """Whether `span` may overlap one of `others` (unknown forms: yes)."""
+    for o in others:
+        if span is None or o is None or len(o) != len(span):
+            return True
+        if all(
+            a_lo <= b_hi and b_lo <= a_hi
+            for (a_lo, a_hi), (b_lo, b_hi) in zip(span, o, strict=True)
+        ):
+            return True
+    return False
 
 
 def _ident(body: Json) -> Obj:
@@ -118,6 +199,7 @@ def table_state(batches: Iterable[Json]) -> dict[Key, TableState]:
                     definition = {k: v for k, v in body.items() if k != "elem"}
                     s = t.sets.setdefault(name, SetState(kind, definition))
                     for e in body.get("elem") or []:
+                        e = _normal_element(kind, e)
                         s.elements[_element_key(kind, e)] = e
                 elif verb == "flush" and name in t.sets:
                     t.sets[name].elements.clear()
@@ -126,6 +208,7 @@ def table_state(batches: Iterable[Json]) -> dict[Key, TableState]:
             elif kind == "element":
                 s = t.sets[str(body["name"])]
                 for e in body.get("elem") or []:
+                    e = _normal_element(s.kind, e)
                     if verb == "add":
                         s.elements[_element_key(s.kind, e)] = e
                     elif verb in ("delete", "destroy"):
@@ -232,7 +315,7 @@ def kernel_table_state(
                     if (fam, str(body["table"]), name) in skip:
                         continue
                     for e in body.get("elem") or []:
-                        v = _value(e)
+                        v = _normal_element(kind, _value(e))
                         st.elements[_element_key(kind, v)] = v
                 elif kind == "chain":
                     name = str(body["name"])
@@ -270,33 +353,48 @@ def _table_update(
             if k in before.elements and _canon(before.elements[k]) != _canon(e)
         ]
         removed = [k for k in before.elements if k not in s.elements]
+        # An interval set refuses an element that overlaps one it holds: a
+        # range that replaces others (collapsed with a neighbour, narrowed)
+        # goes in after they are deleted, in the second transaction.
+        late: list[Any] = []
+        if removed and "interval" in (s.definition.get("flags") or []):
+            gone = [_spans(json.loads(k)) for k in removed]
+            late = [e for e in added if _overlaps_any(_spans(_key_of(s.kind, e)), gone)]
+            added = [e for e in added if not any(e is x for x in late)]
         if name in release:
-            if added:
-                switch.append(_cmd("add", "element", _elements(new, name, added)))
-        elif added:
+            late, added = late + added, []
+        if added:
             make.append(_cmd("add", "element", _elements(new, name, added)))
         if reassert:
-            # A periodic resync: re-add what should be there (a no-op for what
-            # is), in case something deleted elements behind our back.
-            kept = [e for k, e in s.elements.items() if k in before.elements]
-            if kept and not changed:
+            # A periodic resync: re-add what should be there and is (a no-op
+            # for the kernel when it is), in case something deleted elements
+            # behind our back.
+            kept = [
+                e
+                for k, e in s.elements.items()
+                if k in before.elements and _canon(before.elements[k]) == _canon(e)
+            ]
+            if kept:
                 make.append(_cmd("add", "element", _elements(new, name, kept)))
-        if changed:
-            keys = [json.loads(_element_key(s.kind, e)) for e in changed]
-            switch.append(_cmd("delete", "element", _elements(new, name, keys)))
-            switch.append(_cmd("add", "element", _elements(new, name, changed)))
-        if removed:
-            keys = [json.loads(k) for k in removed]
+        if removed and name in release:
             # A key leaving a release set tightens the hold: first, before
             # the steering it guarded goes (a packet whose lookups straddle
             # one commit could otherwise find neither).
-            (make if name in release else switch).append(
-                _cmd("delete", "element", _elements(new, name, keys))
-            )
+            keys = [json.loads(k) for k in removed]
+            make.append(_cmd("delete", "element", _elements(new, name, keys)))
+            removed = []
+        gone_keys = [json.loads(_element_key(s.kind, e)) for e in changed]
+        gone_keys += [json.loads(k) for k in removed]
+        if gone_keys:
+            switch.append(_cmd("delete", "element", _elements(new, name, gone_keys)))
+        if changed or late:
+            switch.append(_cmd("add", "element", _elements(new, name, [*changed, *late])))
     for name, rules in new.rules.items():
         if name not in old.chains:
             make += [_cmd("add", "rule", r) for r in rules]
-        elif [_canon(r) for r in rules] != [_canon(r) for r in old.rules.get(name, [])]:
+        elif reassert or [_canon(r) for r in rules] != [_canon(r) for r in old.rules.get(name, [])]:
+            # A periodic resync rewrites every chain's rules (atomically):
+            # the watchdog leaves an edit it could not tell from ours to it.
             switch.append(_cmd("flush", "chain", _ref(new, name)))
             switch += [_cmd("add", "rule", r) for r in rules]
     # Removals last, each after what refers to it: rules of doomed chains,

@@ -301,3 +301,52 @@ def test_the_kernels_listing_reads_back_as_what_the_agent_wrote(trio: tuple[str,
     (update,) = incremental_update(kernel, table_state([batch]))
     verbs = {(verb, next(iter(obj))) for c in update["nftables"] for verb, obj in c.items()}
     assert verbs == {("flush", "chain"), ("add", "rule")}, verbs
+
+
+def test_ranges_that_replace_others_change_in_place(trio: tuple[str, str]) -> None:
+    """A node joining collapses its range with the others' in `cluster_ranges`,
+    a narrowed rule replaces a pod's range in the guard's concatenated set:
+    the kernel refuses an element overlapping one its set holds, so these go
+    in after what they replace, and the sync never falls back to a whole
+    replacement. The kernel ends up holding exactly what was rendered."""
+    from staticegress.agent.agent import LEASE_HELD, OWN_TABLES
+    from staticegress.render.nftdiff import kernel_table_state, table_state
+
+    _, node = trio
+    base = scenario.load("mixed")
+    joined = scenario.load("mixed")
+    joined["nodes"].append({"name": "node-0", "ip": "198.51.100.10", "podCIDR": "10.244.0.0/24"})
+    narrowed = scenario.load("mixed")
+    narrowed["staticegressips"][1]["spec"]["rules"][0]["cidrs"] = ["203.0.113.0/24", "192.0.2.0/25"]
+
+    def render(data: dict[str, Any]) -> dict[str, Any]:
+        desired = compute_desired(scenario.snapshot(data), scenario.config(data, "vxlan"))
+        batch = render_ruleset(desired, transport="vxlan")
+        batch["nftables"] += render_lease_tables(desired.named, arp_ips=desired.egress_ips)
+        return batch
+
+    sequence = [render(d) for d in (base, joined, base, narrowed, base, narrowed, joined)]
+
+    async def run() -> list[dict[str, Any]]:
+        opts = AgentOptions(
+            node="node-1", transport="vxlan", ownership="status-only", health_port=0, netns=node
+        )
+        agent = Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
+        try:
+            for batch in sequence:
+                await agent._apply_tables(batch, reassert=False)
+            assert agent.metrics.get("table_replacements_total") == 1
+            assert agent.metrics.get("table_updates_total") == len(sequence) - 1
+            docs = []
+            for family, name in OWN_TABLES:
+                cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
+                docs.append(await agent.nft.run(cmd))
+            return docs
+        finally:
+            await agent.api.close()
+
+    kernel = kernel_table_state(asyncio.run(run()), skip_elements=LEASE_HELD)
+    want = table_state([sequence[-1]])
+    for key, t in want.items():
+        for name, s in t.sets.items():
+            assert set(kernel[key].sets[name].elements) == set(s.elements), (key, name)

@@ -582,3 +582,53 @@ async def test_resets_asked_twice_for_a_pod_keep_only_what_both_kept() -> None:
     assert [[pod, other]] == FLUSHED, "one dump for every reset asked"
     assert sorted(map(str, FLUSH_KEPT)) == sorted(map(str, [[a], [a, b]]))
     await agent.api.close()
+
+
+async def test_an_outside_edit_during_an_apply_makes_the_next_sync_replace_whole() -> None:
+    """The watchdog can report a table changed behind our back while our own
+    batch is being applied; what the kernel holds is then unknown, and the
+    forced sync must not take it for what the batch left."""
+    agent, nft, _ = make_agent("status-only")
+    await agent.sync(True)
+    assert agent.metrics.get("table_replacements_total") == 1
+    applied = nft.apply
+
+    async def apply_and_drift(batch: dict[str, Any]) -> None:
+        await applied(batch)
+        agent._table_lost()
+
+    nft.apply = apply_and_drift  # type: ignore[method-assign]
+    agent.reflectors["pods"].store["default/client-1"]["metadata"]["labels"] = {"app": "other"}
+    await agent.sync(False)
+    assert agent._tables is None
+    nft.apply = applied  # type: ignore[method-assign]
+    await agent.sync(True)
+    assert agent.metrics.get("table_replacements_total") == 2
+    await agent.api.close()
+
+
+async def test_a_whole_replacement_writes_the_grants_again_at_once() -> None:
+    """After an outside flush the lease's `held` set comes back empty: the
+    grants are written again with the tables, not when a renewal next moves a
+    deadline by 0.25 s (the node would drop its egress IPs' traffic meanwhile)."""
+    agent, nft, _ = make_agent()
+    keeper = agent.keeper
+    assert keeper is not None
+    clock = Clock()
+    keeper._clock = clock
+    g = Grant(
+        sender="m/1", node=agent.node, epoch=1, seq=1, sent_wall=0, ttl=2.0, ips=frozenset({X})
+    )
+    assert keeper.book.offer(g, now=clock.t, now_wall=0) is None
+    await agent.sync(True)
+    await asyncio.sleep(0.01)
+    written = len(nft.texts)
+    assert written >= 1
+    await keeper.apply()  # nothing moved: skipped
+    assert len(nft.texts) == written
+    agent._table_lost()  # flushed behind our back
+    await agent.sync(True)
+    await asyncio.sleep(0.01)
+    assert len(nft.texts) == written + 1, "the grants were not written again"
+    assert "198.51.100.200 timeout" in nft.texts[-1]
+    await agent.api.close()

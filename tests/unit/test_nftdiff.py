@@ -88,7 +88,19 @@ def _remove_everything(data: dict[str, Any]) -> None:
     data["staticegressips"] = []
 
 
+def _node_joins(data: dict[str, Any]) -> None:
+    """node-0's range and address collapse with the others' in `cluster_ranges`."""
+    data["nodes"].append({"name": "node-0", "ip": "198.51.100.10", "podCIDR": "10.244.0.0/24"})
+
+
+def _narrow_a_piece(data: dict[str, Any]) -> None:
+    rule = data["staticegressips"][1]["spec"]["rules"][0]
+    rule["cidrs"] = ["203.0.113.0/24", "192.0.2.0/25"]
+
+
 CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "node joins": _node_joins,
+    "piece narrowed": _narrow_a_piece,
     "new local pod": _add_pod,
     "new remote pod": _add_billing_pod,
     "pod gone": _drop_pod,
@@ -107,6 +119,51 @@ def _pairs(node: str) -> Iterable[tuple[str, dict[str, Any], dict[str, Any]]]:
         change(after)
         yield name, base, after
         yield f"undo {name}", after, base
+
+
+def _no_overlap_on_the_way(old: Mapping[Key, TableState], updates: list[Json], what: str) -> None:
+    """Plays the batches against interval semantics, command by command: the
+    kernel refuses an element that overlaps one its set holds (the whole
+    transaction with it)."""
+    from staticegress.render.nftdiff import _key_of, _overlaps_any, _spans
+
+    held: dict[tuple[str, str], tuple[bool, str, dict[str, Any]]] = {
+        (t.definition["name"], n): (
+            "interval" in (st.definition.get("flags") or []),
+            st.kind,
+            {k: json.loads(k) for k in st.elements},
+        )
+        for t in old.values()
+        for n, st in t.sets.items()
+    }
+    for batch in updates:
+        for cmd in batch["nftables"]:
+            ((verb, obj),) = cmd.items()
+            ((kind, body),) = obj.items()
+            if kind in ("set", "map") and verb == "add":
+                elems = {
+                    json.dumps(_key_of(kind, e), sort_keys=True, separators=(",", ":")): _key_of(
+                        kind, e
+                    )
+                    for e in body.get("elem") or []
+                }
+                held[(body["table"], body["name"])] = (
+                    "interval" in (body.get("flags") or []), kind, elems,
+                )  # fmt: skip
+            elif kind == "element":
+                interval, skind, elems = held[(body["table"], body["name"])]
+                for e in body["elem"]:
+                    key = _key_of(skind, e) if verb == "add" else e
+                    k = json.dumps(key, sort_keys=True, separators=(",", ":"))
+                    if verb == "delete":
+                        elems.pop(k, None)
+                        continue
+                    if interval and k not in elems:
+                        others = [_spans(v) for v in elems.values()]
+                        assert not _overlaps_any(_spans(key), others), (
+                            f"{what}: {body['name']} {k} overlaps an element it holds"
+                        )
+                    elems[k] = key
 
 
 def _elements_of(batch: Json, verb: str) -> set[tuple[str, str, str]]:
@@ -133,6 +190,7 @@ def test_updates_lead_where_a_replacement_would_and_keep_what_stays(
         assert len(updates) <= 2
         reached = table_state([old_batch, *updates])
         assert _canon(reached) == _canon(new), what
+        _no_overlap_on_the_way(old, updates, what)
         # Nothing that is there before and after is removed on the way: no
         # table, set or chain deleted, no element deleted whose value stays.
         for cmd in (c for u in updates for c in u["nftables"]):
@@ -168,13 +226,21 @@ def test_a_new_pod_is_steered_in_the_first_batch_and_known_only_in_the_second() 
     assert not any("chain" in c.get("add", {}) for c in make["nftables"])
 
 
-def test_an_unchanged_state_needs_no_batch_and_a_resync_only_adds() -> None:
+def test_an_unchanged_state_needs_no_batch_and_a_resync_rewrites_without_removing() -> None:
+    """A periodic resync re-adds every element (deleted behind our back?) and
+    rewrites every chain's rules (edited behind our back?), removing nothing."""
     data = scenario.load("mixed")
     state = table_state([_batch(data, "direct")])
     assert incremental_update(state, state, release=RELEASE) == []
-    (resync,) = incremental_update(state, state, release=RELEASE, reassert=True)
-    assert {v for c in resync["nftables"] for v in c} == {"add"}
-    assert _elements_of(resync, "add")
+    batches = incremental_update(state, state, release=RELEASE, reassert=True)
+    verbs = {(v, next(iter(o))) for b in batches for c in b["nftables"] for v, o in c.items()}
+    assert verbs == {("add", "element"), ("flush", "chain"), ("add", "rule")}
+    every = {
+        (t.definition["name"], n, json.dumps(json.loads(k), sort_keys=True))
+        for t in state.values() for n, st in t.sets.items() for k in st.elements
+    }  # fmt: skip
+    assert set().union(*(_elements_of(b, "add") for b in batches)) == every
+    assert _canon(table_state([_batch(data, "direct"), *batches])) == _canon(state)
 
 
 def test_a_changed_definition_asks_for_a_replacement() -> None:
