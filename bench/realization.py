@@ -752,6 +752,30 @@ async def wait_gateway(kube: Kube, name: str, eip: str, seconds: float = 30) -> 
     return False
 
 
+async def wait_programmed(kube: Kube, name: str, seconds: float = 60) -> float | None:
+    """Seconds until the object's `Programmed` condition is True for its
+    generation (every agent concerned confirmed it), or None after `seconds`.
+    The new-pod case measures the hold of a pod the agents do not know yet, under a
+    rule they do know: before the rule is programmed, a new pod is simply
+    not selected yet (that is the create case's latency)."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        obj = await kube.custom.get_namespaced_custom_object(
+            GROUP, VERSION, NS, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+        )
+        gen = obj["metadata"].get("generation")
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            if (
+                c.get("type") == "Programmed"
+                and c.get("status") == "True"
+                and c.get("observedGeneration", gen) == gen
+            ):
+                return time.monotonic() - start
+        await asyncio.sleep(0.2)
+    print(f"  {name}: not Programmed after {seconds:.0f}s; measuring anyway")
+    return None
+
+
 async def manager_view(kube: Kube) -> str:
     """The last node health the managers logged, and why the measured objects
     have no gateway (their status), for a case that gets no egress IP."""
@@ -1154,6 +1178,7 @@ async def measure(args: argparse.Namespace, res: Results) -> None:
                 name = OBJECT[case]
                 await kube.create_egress(egress_object(name, [rule]))
                 if await wait_gateway(kube, name, eip):
+                    await wait_programmed(kube, name)
                     await asyncio.sleep(1)
                     res.cases[case] = await run_case(kube, case, n, fn)
                 else:
