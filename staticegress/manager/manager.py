@@ -195,7 +195,7 @@ class Manager:
 
         def poke() -> None:
             self.runner.poke()
-            self.members_runner.poke()
+            self.selection_changed()
 
         self.reflectors = {
             "staticegressips": Reflector(
@@ -204,8 +204,13 @@ class Manager:
                 list_args=(GROUP, VERSION, PLURAL),
                 on_change=poke,
             ),
+            # Nodes do not enter the selection: a Node's change only wakes the
+            # assignment, not a recompute of every rule's pods.
             "nodes": Reflector(
-                name="nodes", list_fn=core.list_node, on_change=poke, trim=trim_node
+                name="nodes",
+                list_fn=core.list_node,
+                on_change=self._poke_assignment,
+                trim=trim_node,
             ),
             "services": Reflector(
                 name="services",
@@ -225,7 +230,7 @@ class Manager:
                 name="namespaces", list_fn=core.list_namespace, on_change=poke, trim=trim_namespace
             ),
         }
-        selection_poke = self.members_runner.poke
+        selection_poke = self.selection_changed
         self.selection_reflectors = {
             "pods": Reflector(
                 name="pods",
@@ -245,11 +250,17 @@ class Manager:
                 list_fn=self.custom.list_namespaced_custom_object,
                 list_args=(GROUP, VERSION, opts.namespace, MEMBERS_PLURAL),
                 list_kwargs={"label_selector": MEMBERS_SELECTOR},
-                on_change=selection_poke,
+                # What is published changed (mostly our own writes coming
+                # back): compare again, without selecting again.
+                on_change=self.members_runner.poke,
             ),
         }
         self.publisher = MemberPublisher(api, namespace=opts.namespace)
         self.members_cache = ParseCache()
+        self._selection_dirty = True
+        """An input of the selection changed since `_wanted` was computed."""
+        self._wanted: dict[str, dict[str, Any]] | None = None
+        self._members_count = 0
         self.assigned: dict[EgressIPRef, tuple[EgressIPAssignment, ...]] = {}
         """The leader's latest assignment, status written or not: it labels the
         published members (`render.members.member_readers`) a round trip
@@ -260,7 +271,7 @@ class Manager:
         self.service_cidrs = Reflector(
             name="servicecidrs",
             list_fn=client.NetworkingV1Api(api).list_service_cidr,
-            on_change=poke,
+            on_change=self._poke_assignment,
         )
         self._started = time.monotonic()
         # The agents' reports decide `Programmed` only; kept out of the dict the
@@ -270,7 +281,7 @@ class Manager:
             list_fn=client.CoordinationV1Api(api).list_namespaced_lease,
             list_args=(opts.namespace,),
             list_kwargs={"label_selector": LABEL_SELECTOR},
-            on_change=poke,
+            on_change=self._poke_assignment,
         )
         self.prober = Prober(
             interval=opts.probe_interval,
@@ -296,7 +307,7 @@ class Manager:
             interval=opts.grant_interval,
             ttl=opts.grant_ttl,
             port=opts.grant_port,
-            on_change=poke,
+            on_change=self._poke_assignment,
         )
         self.planner: HandoffPlanner | None = None
         self._map_text = ""
@@ -362,7 +373,7 @@ class Manager:
             )
             self._map_text = encode_map(self.grants.epoch, grant_map)
             self.runner.poke()
-            self.members_runner.poke()
+            self.selection_changed()
         else:
             self.planner = None
             self.assigned = {}
@@ -532,6 +543,14 @@ class Manager:
         if planner.unpublished and await self.elector.publish():
             planner.published(at=time.monotonic())
 
+    def _poke_assignment(self) -> None:
+        self.runner.poke()
+
+    def selection_changed(self) -> None:
+        """An input of the published selection changed: select again."""
+        self._selection_dirty = True
+        self.members_runner.poke()
+
     async def publish_members(self, force: bool) -> None:
         """Publish which pods each rule selects (`render.members`), as leader,
         labelled for the nodes that may SNAT them. Runs on every change of the
@@ -540,15 +559,51 @@ class Manager:
         reflectors = (*self.reflectors.values(), *self.selection_reflectors.values())
         if not self.elector.is_leader() or not all(r.synced.is_set() for r in reflectors):
             return
-        stores = {k: r.store for k, r in self.reflectors.items()}
+        wanted = self._wanted
+        if force or self._selection_dirty or wanted is None:
+            self._selection_dirty = False  # a change from now on selects again
+            # Copies, read on a thread: at 10,000 pods and 1,000 rules a
+            # selection is a few hundred ms of CPU, during which the loop
+            # keeps granting and hearing acks.
+            stores = {k: dict(r.store) for k, r in self.reflectors.items()}
+            pods = dict(self.selection_reflectors["pods"].store)
+            slices = dict(self.selection_reflectors["endpointslices"].store)
+            assigned = dict(self.assigned)
+            try:
+                wanted, self._members_count = await asyncio.to_thread(
+                    self._select, stores, pods, slices, assigned
+                )
+            except BaseException:
+                self._selection_dirty = True
+                raise
+            self._wanted = wanted
+        assert wanted is not None
+        before = self.publisher.writes
+        errors = await self.publisher.publish(wanted, self.selection_reflectors["members"].store)
+        self.metrics.set("members_published", self._members_count)
+        self.metrics.set("member_objects", len(wanted))
+        self.metrics.inc("member_writes_total", self.publisher.writes - before)
+        if errors:
+            raise TemporaryError(
+                f"{len(errors)} StaticEgressIPMembers writes failed, first: {errors[0]}"
+            )
+
+    def _select(
+        self,
+        stores: dict[str, dict[str, Any]],
+        pods: dict[str, Any],
+        slices: dict[str, Any],
+        assigned: dict[EgressIPRef, tuple[EgressIPAssignment, ...]],
+    ) -> tuple[dict[str, dict[str, Any]], int]:
+        """The member objects to publish, and how many members (pure; a thread)."""
         snap, _ = build_snapshot(
             cache=self.members_cache,
             policies=stores["staticegressips"],
-            pods=self.selection_reflectors["pods"].store,
+            pods=pods,
             nodes={},
             services=stores["services"],
             namespaces=stores["namespaces"],
-            slices=self.selection_reflectors["endpointslices"].store,
+            slices=slices,
             pools=stores["pools"],
         )
         members, endpoints = select_members(snap, require_pool=self.opts.require_pool)
@@ -557,17 +612,9 @@ class Manager:
             members,
             dict(endpoints),
             namespace=self.opts.namespace,
-            assigned=self.assigned,
+            assigned=assigned,
         )
-        before = self.publisher.writes
-        errors = await self.publisher.publish(wanted, self.selection_reflectors["members"].store)
-        self.metrics.set("members_published", len(members))
-        self.metrics.set("member_objects", len(wanted))
-        self.metrics.inc("member_writes_total", self.publisher.writes - before)
-        if errors:
-            raise TemporaryError(
-                f"{len(errors)} StaticEgressIPMembers writes failed, first: {errors[0]}"
-            )
+        return wanted, len(members)
 
     async def sync(self, force: bool) -> None:
         if not all(r.synced.is_set() for r in self.reflectors.values()):
@@ -635,7 +682,7 @@ class Manager:
             # New gateways and standbys must hold their members before they
             # are needed: relabel now, not once the status has come back.
             self.assigned = assigned
-            self.members_runner.poke()
+            self.selection_changed()
         self._write_pool_status(pools, bad_pools, tenancy, forbidden, now)
         await self._publish(owned_gateways(results, tenancy.owners))
         if verdict.frozen:
