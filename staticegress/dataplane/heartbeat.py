@@ -262,11 +262,8 @@ class Prober:
         return True
 
     def drain(self) -> None:
-        """Account every reply waiting in the socket now (before a judgment
-        made outside the send loop)."""
-        self._receive()
-
-    def _receive(self) -> None:
+        """Account every reply waiting in the socket now: the loop's reader,
+        the send loop before it judges a miss, and a judgment made outside it."""
         if self._sock is None:
             return
         while True:
@@ -313,7 +310,7 @@ class Prober:
                     await self._sleep(delay)
                 # Replies may wait in the socket if the loop was busy: read
                 # them before judging anything a miss.
-                self._receive()
+                self.drain()
                 self.probe(ip, send)
             start += self.interval
             now = self._clock()
@@ -337,7 +334,7 @@ class Prober:
                 runner.close()
         self._sock = sock
         self._rcvbuf = receive_buffer_size(len(self.targets))
-        loop.add_reader(sock.fileno(), self._receive)
+        loop.add_reader(sock.fileno(), self.drain)
 
         def send(ip: IPv4Address, packet: bytes) -> None:
             # No route (link down): the probe simply goes unanswered.

@@ -209,7 +209,7 @@ class Manager:
             "nodes": Reflector(
                 name="nodes",
                 list_fn=core.list_node,
-                on_change=self._poke_assignment,
+                on_change=self.runner.poke,
                 trim=trim_node,
             ),
             "services": Reflector(
@@ -271,7 +271,7 @@ class Manager:
         self.service_cidrs = Reflector(
             name="servicecidrs",
             list_fn=client.NetworkingV1Api(api).list_service_cidr,
-            on_change=self._poke_assignment,
+            on_change=self.runner.poke,
         )
         self._started = time.monotonic()
         # The agents' reports decide `Programmed` only; kept out of the dict the
@@ -281,7 +281,7 @@ class Manager:
             list_fn=client.CoordinationV1Api(api).list_namespaced_lease,
             list_args=(opts.namespace,),
             list_kwargs={"label_selector": LABEL_SELECTOR},
-            on_change=self._poke_assignment,
+            on_change=self.runner.poke,
         )
         self.prober = Prober(
             interval=opts.probe_interval,
@@ -307,7 +307,7 @@ class Manager:
             interval=opts.grant_interval,
             ttl=opts.grant_ttl,
             port=opts.grant_port,
-            on_change=self._poke_assignment,
+            on_change=self.runner.poke,
         )
         self.planner: HandoffPlanner | None = None
         self._map_text = ""
@@ -542,9 +542,6 @@ class Manager:
             )
         if planner.unpublished and await self.elector.publish():
             planner.published(at=time.monotonic())
-
-    def _poke_assignment(self) -> None:
-        self.runner.poke()
 
     def selection_changed(self) -> None:
         """An input of the published selection changed: select again."""

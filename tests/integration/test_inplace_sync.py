@@ -147,15 +147,23 @@ def _data(*, pod_known: bool, background: int, second_pod: bool) -> dict[str, An
     }
 
 
-def _batch(data: dict[str, Any]) -> dict[str, Any]:
-    desired = compute_desired(scenario.snapshot(data), scenario.config(data))
-    batch = render_ruleset(desired, transport="direct")
+def _batch(data: dict[str, Any], transport: str = "direct") -> dict[str, Any]:
+    desired = compute_desired(scenario.snapshot(data), scenario.config(data, transport))
+    batch = render_ruleset(desired, transport=transport)
     batch["nftables"] += render_lease_tables(desired.named, arp_ips=desired.egress_ips)
     return batch
 
 
 class _NoNetlink:
     """The agent's routing port, unused here."""
+
+
+def _agent(netns: str, node: str = "node-3", transport: str = "direct") -> Agent:
+    """An agent of `node` programming the namespace `netns` (its tables only)."""
+    opts = AgentOptions(
+        node=node, transport=transport, ownership="status-only", health_port=0, netns=netns
+    )  # type: ignore[arg-type]
+    return Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
 
 
 def _counters(node: str) -> tuple[int, int]:
@@ -170,10 +178,7 @@ def _syncs_under_traffic(pod: str, node: str, batches: list[dict[str, Any]]) -> 
     many syncs, how many of its flows left with the node's address)."""
 
     async def scenario_() -> int:
-        opts = AgentOptions(
-            node="node-3", transport="direct", ownership="status-only", health_port=0, netns=node
-        )
-        agent = Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
+        agent = _agent(node)
         try:
             await agent._apply_tables(batches[0], reassert=False)
             sender = await asyncio.create_subprocess_exec(
@@ -236,10 +241,7 @@ def test_a_restarted_agent_changes_in_place_what_the_previous_run_left(
     ]
 
     async def restarts() -> tuple[int, int]:
-        opts = AgentOptions(
-            node="node-3", transport="direct", ownership="status-only", health_port=0, netns=node
-        )
-        first = Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
+        first = _agent(node)
         await first._apply_tables(batches[0], reassert=False)
         await first.api.close()
         sender = await asyncio.create_subprocess_exec(
@@ -248,7 +250,7 @@ def test_a_restarted_agent_changes_in_place_what_the_previous_run_left(
         )  # fmt: skip
         runs = replaced = 0
         while sender.returncode is None:
-            agent = Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
+            agent = _agent(node)
             try:
                 await agent._apply_tables(batches[1 + runs % 2], reassert=False)
                 replaced += int(agent.metrics.get("table_replacements_total"))
@@ -274,29 +276,26 @@ def test_the_kernels_listing_reads_back_as_what_the_agent_wrote(trio: tuple[str,
     addresses, concatenations, verdicts) reads back from the kernel as it was
     written: a restarted agent whose state did not change rewrites rules only,
     and never touches the lease's `held` elements."""
-    from staticegress.agent.agent import LEASE_HELD, OWN_TABLES
-    from staticegress.dataplane.netns import NetnsRunner
-    from staticegress.dataplane.nft import NftApplier
+    from staticegress.agent.agent import OWN_TABLES
     from staticegress.render.lease import render_held
-    from staticegress.render.nftdiff import incremental_update, kernel_table_state, table_state
+    from staticegress.render.nftdiff import incremental_update, table_state
 
     _, node = trio
     data = scenario.load("mixed")
-    desired = compute_desired(scenario.snapshot(data), scenario.config(data, "vxlan"))
-    batch = render_ruleset(desired, transport="vxlan")
-    batch["nftables"] += render_lease_tables(desired.named, arp_ips=desired.egress_ips)
-    nft = NftApplier(NetnsRunner(node))
+    batch = _batch(data, "vxlan")
+    held = compute_desired(scenario.snapshot(data), scenario.config(data, "vxlan")).egress_ips[0]
 
-    async def read() -> list[dict[str, Any]]:
-        await nft.apply(batch)
-        await nft.apply_text(render_held({desired.egress_ips[0]: 30.0}, []))
-        docs = []
-        for family, name in OWN_TABLES:
-            cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
-            docs.append(await nft.run(cmd))
-        return docs
+    async def read() -> Any:
+        agent = _agent(node, "node-1", "vxlan")
+        try:
+            await agent.nft.apply(batch)
+            await agent.nft.apply_text(render_held({held: 30.0}, []))
+            return await agent._read_tables()
+        finally:
+            await agent.api.close()
 
-    kernel = kernel_table_state(asyncio.run(read()), skip_elements=LEASE_HELD)
+    kernel = asyncio.run(read())
+    assert kernel is not None
     assert set(kernel) == set(OWN_TABLES)
     (update,) = incremental_update(kernel, table_state([batch]))
     verbs = {(verb, next(iter(obj))) for c in update["nftables"] for verb, obj in c.items()}
@@ -309,8 +308,7 @@ def test_ranges_that_replace_others_change_in_place(trio: tuple[str, str]) -> No
     the kernel refuses an element overlapping one its set holds, so these go
     in after what they replace, and the sync never falls back to a whole
     replacement. The kernel ends up holding exactly what was rendered."""
-    from staticegress.agent.agent import LEASE_HELD, OWN_TABLES
-    from staticegress.render.nftdiff import kernel_table_state, table_state
+    from staticegress.render.nftdiff import table_state
 
     _, node = trio
     base = scenario.load("mixed")
@@ -318,34 +316,21 @@ def test_ranges_that_replace_others_change_in_place(trio: tuple[str, str]) -> No
     joined["nodes"].append({"name": "node-0", "ip": "198.51.100.10", "podCIDR": "10.244.0.0/24"})
     narrowed = scenario.load("mixed")
     narrowed["staticegressips"][1]["spec"]["rules"][0]["cidrs"] = ["203.0.113.0/24", "192.0.2.0/25"]
+    sequence = [_batch(d, "vxlan") for d in (base, joined, base, narrowed, base, narrowed, joined)]
 
-    def render(data: dict[str, Any]) -> dict[str, Any]:
-        desired = compute_desired(scenario.snapshot(data), scenario.config(data, "vxlan"))
-        batch = render_ruleset(desired, transport="vxlan")
-        batch["nftables"] += render_lease_tables(desired.named, arp_ips=desired.egress_ips)
-        return batch
-
-    sequence = [render(d) for d in (base, joined, base, narrowed, base, narrowed, joined)]
-
-    async def run() -> list[dict[str, Any]]:
-        opts = AgentOptions(
-            node="node-1", transport="vxlan", ownership="status-only", health_port=0, netns=node
-        )
-        agent = Agent(client.ApiClient(), opts, netlink=_NoNetlink())  # type: ignore[arg-type]
+    async def run() -> Any:
+        agent = _agent(node, "node-1", "vxlan")
         try:
             for batch in sequence:
                 await agent._apply_tables(batch, reassert=False)
             assert agent.metrics.get("table_replacements_total") == 1
             assert agent.metrics.get("table_updates_total") == len(sequence) - 1
-            docs = []
-            for family, name in OWN_TABLES:
-                cmd = {"nftables": [{"list": {"table": {"family": family, "name": name}}}]}
-                docs.append(await agent.nft.run(cmd))
-            return docs
+            return await agent._read_tables()
         finally:
             await agent.api.close()
 
-    kernel = kernel_table_state(asyncio.run(run()), skip_elements=LEASE_HELD)
+    kernel = asyncio.run(run())
+    assert kernel is not None
     want = table_state([sequence[-1]])
     for key, t in want.items():
         for name, s in t.sets.items():

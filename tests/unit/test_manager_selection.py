@@ -14,40 +14,7 @@ from kubernetes_asyncio import client
 
 from staticegress.manager import manager as manager_module
 from staticegress.manager.manager import Manager, ManagerOptions
-
-POLICY = {
-    "apiVersion": "staticegressips.io/v1alpha1",
-    "kind": "StaticEgressIP",
-    "metadata": {
-        "namespace": "default",
-        "name": "egress",
-        "uid": "u-1",
-        "generation": 1,
-        "resourceVersion": "7",
-        "creationTimestamp": "2026-01-01T00:00:00Z",
-    },
-    "spec": {
-        "rules": [
-            {
-                "egressip": "198.51.100.200",
-                "pod-selector": {"matchLabels": {"app": "client"}},
-                "cidr": "203.0.113.10/32",
-            }
-        ]
-    },
-}
-
-
-def pod(i: int) -> dict[str, Any]:
-    return {
-        "metadata": {"namespace": "default", "name": f"client-{i}", "labels": {"app": "client"}},
-        "spec": {"nodeName": f"node-{i}"},
-        "status": {
-            "phase": "Running",
-            "podIP": f"10.244.{i}.2",
-            "podIPs": [{"ip": f"10.244.{i}.2"}],
-        },
-    }
+from tests.unit.test_agent_sync import POLICY, pod
 
 
 async def test_only_the_selection_inputs_select_again(monkeypatch: pytest.MonkeyPatch) -> None:
