@@ -632,3 +632,37 @@ async def test_a_whole_replacement_writes_the_grants_again_at_once() -> None:
     assert len(nft.texts) == written + 1, "the grants were not written again"
     assert "198.51.100.200 timeout" in nft.texts[-1]
     await agent.api.close()
+
+
+async def test_a_refused_second_batch_makes_the_next_sync_replace_whole() -> None:
+    """An in-place update is two transactions; when the kernel refuses the
+    second, what it holds is neither the old state nor the new one, so the
+    next sync must not diff against either."""
+    from staticegress.dataplane.nft import NftError
+
+    agent, nft, _ = make_agent("status-only")
+    await agent.sync(True)
+    applied = nft.apply
+    calls = 0
+
+    async def refuse_the_second(batch: dict[str, Any]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise NftError("refused")
+        await applied(batch)
+
+    nft.apply = refuse_the_second  # type: ignore[method-assign]
+    # A new pod of the selected app: steering first, its release second.
+    extra = pod(1)
+    extra["metadata"]["name"] = "client-9"
+    extra["status"]["podIP"] = extra["status"]["podIPs"][0]["ip"] = "10.244.1.9"
+    agent.reflectors["pods"].store["default/client-9"] = extra
+    with pytest.raises(TemporaryError):
+        await agent.sync(False)
+    assert calls == 2, "the update was not two transactions"
+    assert agent._tables is None
+    nft.apply = applied  # type: ignore[method-assign]
+    await agent.sync(True)
+    assert agent.metrics.get("table_replacements_total") == 2
+    await agent.api.close()
