@@ -37,22 +37,25 @@ NODES = 100
 GATEWAYS = 10
 
 
-def cluster(pods: int, rules: int) -> dict[str, dict[str, Any]]:
+def cluster(
+    pods: int, rules: int, *, nodes: int = NODES, gateways: int = GATEWAYS
+) -> dict[str, dict[str, Any]]:
+    """Raw objects of the synthetic cluster: node i's pods in 10.(100+i).0.0/16."""
+    assert nodes <= 150
     apps = rules
-    nodes = {
+    node_objs = {
         f"node-{i}": {
             "metadata": {"name": f"node-{i}"},
-            "spec": {"podCIDR": f"10.{100 + i // 250}.{i % 250}.0/24"},
-            "status": {
-                "addresses": [{"type": "InternalIP", "address": f"172.20.{i // 250}.{i % 250 + 1}"}]
-            },
+            "spec": {"podCIDR": f"10.{100 + i}.0.0/16"},
+            "status": {"addresses": [{"type": "InternalIP", "address": f"172.20.0.{i + 1}"}]},
         }
-        for i in range(NODES)
+        for i in range(nodes)
     }
     pod_objs = {}
     for p in range(pods):
-        node = p % NODES
-        ip = f"10.{100 + node // 250}.{node % 250}.{2 + p // NODES}"
+        node = p % nodes
+        host = 2 + p // nodes
+        ip = f"10.{100 + node}.{host // 256}.{host % 256}"
         pod_objs[f"default/p{p}"] = {
             "metadata": {
                 "namespace": "default",
@@ -76,7 +79,7 @@ def cluster(pods: int, rules: int) -> dict[str, dict[str, Any]]:
                     "cidrs": [f"203.0.{k % 256}.0/24", f"198.18.{k % 256}.0/24"],
                 }
             )
-            status.append({"egressIP": eip, "gateway": f"node-{k % GATEWAYS}"})
+            status.append({"egressIP": eip, "gateway": f"node-{k % gateways}"})
         policies[f"default/cr{c}"] = {
             "apiVersion": "staticegressips.io/v1alpha1",
             "kind": "StaticEgressIP",
@@ -91,9 +94,9 @@ def cluster(pods: int, rules: int) -> dict[str, dict[str, Any]]:
             "status": {"egressIPs": status},
         }
     # Every stored object has a resourceVersion; the parse cache keys on it.
-    for i, obj in enumerate([*policies.values(), *pod_objs.values(), *nodes.values()]):
+    for i, obj in enumerate([*policies.values(), *pod_objs.values(), *node_objs.values()]):
         obj["metadata"]["resourceVersion"] = str(1000 + i)
-    return {"policies": policies, "pods": pod_objs, "nodes": nodes}
+    return {"policies": policies, "pods": pod_objs, "nodes": node_objs}
 
 
 def resync(

@@ -65,6 +65,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Literal
 
@@ -75,6 +76,7 @@ from staticegress.api.types import (
     EgressIPRef,
     EgressRule,
     IPAddress,
+    IPNetwork,
     LabelSelector,
     NodeName,
     StaticEgressIP,
@@ -468,12 +470,32 @@ def first_match_pieces(
 
 
 def _reach(rule: EgressRule) -> tuple[IPv4Network, ...]:
+    return _reach_of(rule.destinations, rule.excluded)
+
+
+@lru_cache(maxsize=16384)
+def _reach_of(
+    destinations: tuple[IPNetwork, ...], excluded: tuple[IPNetwork, ...]
+) -> tuple[IPv4Network, ...]:
+    """The IPv4 destinations less the exclusions. Cached: every sync resolves
+    every rule, and rules rarely change (at 1,000 rules this was a fifth of a
+    sync's model time)."""
     return tuple(
         subtract(
-            (n for n in rule.destinations if isinstance(n, IPv4Network)),
-            (n for n in rule.excluded if isinstance(n, IPv4Network)),
+            (n for n in destinations if isinstance(n, IPv4Network)),
+            (n for n in excluded if isinstance(n, IPv4Network)),
         )
     )
+
+
+@lru_cache(maxsize=16384)
+def _collapsed(nets: tuple[IPNetwork, ...]) -> tuple[IPv4Network, ...]:
+    """The IPv4 ranges of `nets`, collapsed (cached like `_reach_of`)."""
+    return tuple(collapse_addresses(n for n in nets if isinstance(n, IPv4Network)))
+
+
+def _ip_order(entry: tuple[IPv4Address, object]) -> int:
+    return int(entry[0])
 
 
 def _piece_key(entry: tuple[IPv4Address, IPv4Network, object]) -> tuple[int, int, int]:
@@ -662,18 +684,14 @@ def compute_desired(
                 if pod.node != me and director is not None and director.internal_ip:
                     returns[pod.ip] = director.internal_ip
                     peers.add(director.name)
-        dests = tuple(
-            collapse_addresses(n for n in rule.destinations if isinstance(n, IPv4Network))
-        )
-        excl = tuple(collapse_addresses(n for n in rule.excluded if isinstance(n, IPv4Network)))
         programs.append(
             RuleProgram(
                 ref=pol.ref,
                 index=rule.index,
-                destinations=dests,
-                excluded=excl,
-                steer=tuple(sorted(dict(steer).items())),
-                snat=tuple(sorted(dict(snat).items())),
+                destinations=_collapsed(rule.destinations),
+                excluded=_collapsed(rule.excluded),
+                steer=tuple(sorted(dict(steer).items(), key=_ip_order)),
+                snat=tuple(sorted(dict(snat).items(), key=_ip_order)),
             )
         )
 
@@ -681,7 +699,7 @@ def compute_desired(
     steer_pieces: list[tuple[IPv4Address, IPv4Network, Steer]] = []
     snat_pieces: list[tuple[IPv4Address, IPv4Network, IPv4Address]] = []
     resolved: dict[tuple[int, ...], tuple[tuple[IPv4Network, ...], ...]] = {}
-    for pod_ip, entries in sorted(by_pod.items()):
+    for pod_ip, entries in sorted(by_pod.items(), key=_ip_order):
         if all(v is None and e is None for v, e in entries.values()):
             continue  # a remote pod whose traffic this node never SNATs
         order = tuple(sorted(entries))
@@ -716,10 +734,7 @@ def compute_desired(
                 local_ranges=local_ranges,
                 known=known,
             ):
-                held += subtract(
-                    (n for n in rule.destinations if isinstance(n, IPv4Network)),
-                    (n for n in rule.excluded if isinstance(n, IPv4Network)),
-                )
+                held += _reach(rule)
     steered = list(collapse_addresses(n for nets in reach for n in nets))
     remote_ranges = (
         collapse_addresses(r for n in nodes.values() if n.name != me for r in n.pod_cidrs)

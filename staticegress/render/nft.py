@@ -101,7 +101,8 @@ Why each piece:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
@@ -193,7 +194,9 @@ def _addr_set(name: str, comment: str, addrs: Iterable[IPv4Address], *, table: s
     return _set(name, comment, [str(a) for a in addrs], interval=False, table=table)
 
 
-def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> list[Json]:
+def _classes(
+    kind: str, pieces: Iterable[tuple[IPv4Address, IPv4Network, str]], verdicts: Mapping[str, Json]
+) -> list[Json]:
     """Pods that share the same pieces (destination -> verdict) form a class: a
     verdict map from pod to its class's chain (`<kind>_pods`, one hash lookup),
     and per class a chain with one interval map (`<kind>_class_K`). A packet
@@ -201,31 +204,32 @@ def _classes(kind: str, pieces: list[tuple[IPv4Address, IPv4Network, Json]]) -> 
     whatever the number of pods and rules; the number of classes grows with
     the distinct rule combinations (and egress-IP picks), not with pods.
     `jump`, not `goto`: a destination outside its pieces returns to the base
-    chain, whose later rules (the guards) still apply."""
-    by_pod: dict[IPv4Address, list[tuple[IPv4Network, Json]]] = {}
-    for ip, net, verdict in pieces:
-        by_pod.setdefault(ip, []).append((net, verdict))
-    keyed = {
-        ip: tuple(sorted(((n, repr(sorted(v.items()))) for n, v in entries), key=str))
-        for ip, entries in by_pod.items()
-    }
+    chain, whose later rules (the guards) still apply.
+
+    `pieces` come in the model's order (by pod, then destination) and name
+    their verdict by a token of `verdicts`, so that a pod's key is built
+    without formatting anything: at 10,000 pods this ran once per piece."""
+    by_pod: dict[IPv4Address, list[tuple[IPv4Network, str]]] = defaultdict(list)
+    for ip, net, token in pieces:
+        by_pod[ip].append((net, token))
+    keyed = {ip: tuple(entries) for ip, entries in by_pod.items()}
     # A class is named after its content, so a class keeps its name (and its
     # map, untouched) from one sync to the next while other classes come and
     # go: syncs change the kernel in place (staticegress.render.nftdiff).
-    classes = {key: _digest(repr(key)) for key in set(keyed.values())}
+    content = {key: tuple(sorted(key)) for key in set(keyed.values())}
+    classes = {
+        key: _digest(";".join(f"{net}={token}" for net, token in entries))
+        for key, entries in content.items()
+    }
     cmds: list[Json] = []
-    members: dict[str, IPv4Address] = {}
-    for ip, key in keyed.items():
-        members.setdefault(classes[key], ip)
-    for k in sorted(members):
+    for k, entries in sorted({classes[key]: entries for key, entries in content.items()}.items()):
         name = f"{kind}_class_{k}"
-        sample = members[k]
         cmds.append(_chain(name))
         cmds.append(
             _map(
                 f"{name}_dst",
                 f"{kind}: destination -> verdict for the pods of class {k}",
-                [[_elem(net), verdict] for net, verdict in sorted(by_pod[sample], key=str)],
+                [[_elem(net), verdicts[token]] for net, token in entries],
                 interval=True,
             )
         )
@@ -355,7 +359,12 @@ def render_ruleset(
         )
     rules_pre: list[Json] = []
     if desired.steer_pieces:
-        cmds += _classes("steer", [(ip, net, _verdict(t)) for ip, net, t in desired.steer_pieces])
+        targets = {str(t): t for *_, t in desired.steer_pieces}
+        cmds += _classes(
+            "steer",
+            ((ip, net, str(t)) for ip, net, t in desired.steer_pieces),
+            {token: _verdict(t) for token, t in targets.items()},
+        )
         rules_pre.append(
             _rule(
                 "prerouting",
@@ -367,10 +376,8 @@ def render_ruleset(
     if desired.snat_pieces:
         cmds += _classes(
             "snat",
-            [
-                (ip, net, {"goto": {"target": snat_chain[eip]}})
-                for ip, net, eip in desired.snat_pieces
-            ],
+            ((ip, net, str(eip)) for ip, net, eip in desired.snat_pieces),
+            {str(eip): {"goto": {"target": chain}} for eip, chain in snat_chain.items()},
         )
         rules_post.append(
             _rule(
@@ -516,10 +523,18 @@ def _guarded(desired: DesiredState) -> dict[IPv4Address, list[IPv4Network]]:
     address: every piece this node steers (any verdict) or SNATs for it,
     collapsed (so a pod's pieces never overlap). The cluster's ranges are
     matched apart, so that `0.0.0.0/0` stays one piece per pod."""
-    out: dict[IPv4Address, list[IPv4Network]] = {}
+    out: dict[IPv4Address, list[IPv4Network]] = defaultdict(list)
     for ip, net, _ in (*desired.steer_pieces, *desired.snat_pieces):
-        out.setdefault(ip, []).append(net)
-    return {ip: list(collapse_addresses(nets)) for ip, nets in sorted(out.items())}
+        out[ip].append(net)
+    # Pods of one class have the same pieces: collapse each distinct list once.
+    collapsed: dict[tuple[IPv4Network, ...], list[IPv4Network]] = {}
+    guarded: dict[IPv4Address, list[IPv4Network]] = {}
+    for ip, nets in sorted(out.items()):
+        key = tuple(nets)
+        if key not in collapsed:
+            collapsed[key] = list(collapse_addresses(nets))
+        guarded[ip] = collapsed[key]
+    return guarded
 
 
 def render_guard(desired: DesiredState) -> list[Json]:

@@ -46,6 +46,7 @@ lease's `held` elements) never appear in a batch, so they are never touched.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, summarize_address_range
@@ -58,8 +59,18 @@ Obj = tuple[str, str, str]
 """(family, table, name) of a set, map or chain."""
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_PLAIN = re.compile(r"[0-9A-Za-z.:/_@-]*")
+"""Strings that JSON writes as they are, between quotes."""
+
+
 def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    """One text per JSON value. Most elements are plain addresses, written as
+    JSON would quote them without the encoder's cost: a sync canonicalises
+    every element of every table (35,000 at 10,000 pods)."""
+    if isinstance(value, str) and _PLAIN.fullmatch(value):
+        return f'"{value}"'
+    return _ENCODER.encode(value)
 
 
 @dataclass
@@ -348,9 +359,7 @@ def _table_update(
             raise ReplacementNeededError(f"{s.kind} {name} changed its definition")
         added = [e for k, e in s.elements.items() if k not in before.elements]
         changed = [
-            e
-            for k, e in s.elements.items()
-            if k in before.elements and _canon(before.elements[k]) != _canon(e)
+            e for k, e in s.elements.items() if k in before.elements and before.elements[k] != e
         ]
         removed = [k for k in before.elements if k not in s.elements]
         # An interval set refuses an element that overlaps one it holds: a
@@ -370,9 +379,7 @@ def _table_update(
             # for the kernel when it is), in case something deleted elements
             # behind our back.
             kept = [
-                e
-                for k, e in s.elements.items()
-                if k in before.elements and _canon(before.elements[k]) == _canon(e)
+                e for k, e in s.elements.items() if k in before.elements and before.elements[k] == e
             ]
             if kept:
                 make.append(_cmd("add", "element", _elements(new, name, kept)))
@@ -392,7 +399,7 @@ def _table_update(
     for name, rules in new.rules.items():
         if name not in old.chains:
             make += [_cmd("add", "rule", r) for r in rules]
-        elif reassert or [_canon(r) for r in rules] != [_canon(r) for r in old.rules.get(name, [])]:
+        elif reassert or rules != old.rules.get(name, []):
             # A periodic resync rewrites every chain's rules (atomically):
             # the watchdog leaves an edit it could not tell from ours to it.
             switch.append(_cmd("flush", "chain", _ref(new, name)))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from staticegress.model.desired import compute_desired
+from staticegress.render import nftdiff
 from staticegress.render.lease import render_lease_tables
 from staticegress.render.nft import render_ruleset
 from staticegress.render.nftdiff import (
@@ -268,3 +269,27 @@ def test_class_names_do_not_depend_on_the_other_classes() -> None:
     kept = {n for n in chains(fewer) if "_class_" in n}
     assert kept
     assert kept <= chains(base)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "10.244.1.2",
+        "steer_class_0123456789ab",
+        "@cluster_ranges",
+        "",
+        'a"quote',
+        "back\\slash",
+        "tab\there",
+        "café",
+        {"prefix": {"addr": "10.0.0.0", "len": 8}},
+        ["10.0.0.1", {"jump": {"target": "x"}}],
+        {"concat": ["10.0.0.1", {"range": ["1.1.1.1", "1.1.1.9"]}]},
+        7,
+        None,
+    ],
+)
+def test_an_element_key_is_its_canonical_json(value: Any) -> None:
+    """The fast path for plain strings writes exactly what JSON would, and
+    anything else goes through the encoder (a key must never collide)."""
+    assert nftdiff._canon(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from ipaddress import IPv4Address
 
@@ -202,3 +203,34 @@ def test_no_guard_without_selected_pods() -> None:
         "staticegress", "staticegress", GUARD_TABLE,
     ]  # fmt: skip
     assert not [a for a in added if a.get("chain", {}).get("table") == GUARD_TABLE]
+
+
+def test_a_class_is_its_content_whatever_the_order_of_the_pieces() -> None:
+    """Two pods with the same pieces share one class even when the pieces come
+    in another order, and the class's map is the same either way (the render
+    keys pods by their pieces as given, and names classes by sorted content)."""
+    desired = _desired(extra_pods=3)
+    shuffled = dataclasses.replace(
+        desired,
+        steer_pieces=tuple(reversed(desired.steer_pieces)),
+        snat_pieces=tuple(reversed(desired.snat_pieces)),
+    )
+
+    def classes(d: DesiredState) -> tuple[dict[str, object], dict[str, str]]:
+        cmds = render_ruleset(d, transport="direct")["nftables"]
+        adds = [c["add"] for c in cmds if "add" in c]
+        maps = {a["map"]["name"]: a["map"] for a in adds if "map" in a}
+        chains = [a["chain"]["name"] for a in adds if "chain" in a]
+        assert len(chains) == len(set(chains)), "a chain rendered twice"
+        dst = {n: m.get("elem") for n, m in maps.items() if n.endswith("_dst")}
+        pods = {
+            e[0]: e[1]["jump"]["target"]
+            for n in ("steer_pods", "snat_pods")
+            for e in maps[n]["elem"]
+        }
+        return dst, pods
+
+    assert classes(shuffled) == classes(desired)
+    _, pods = classes(desired)
+    frontend = {pods[f"10.244.1.{20 + i}"] for i in range(3)}
+    assert len(frontend) == 1
