@@ -983,7 +983,8 @@ def steady_cpu(seconds: float = 10.0) -> dict[str, float]:
 
 
 SYNC_LINE = re.compile(
-    r"node=(\S+) sync applied in ([0-9.]+)s (?:changed=(\S+).*? )?rules=(\d+) steered=(\d+)"
+    r"node=(\S+) sync applied in ([0-9.]+)s (?:\(([^)]*)\) )?(?:changed=(\S+).*? )?"
+    r"rules=(\d+) steered=(\d+)"
 )
 
 
@@ -1016,9 +1017,21 @@ def sync_causes(since: float) -> dict[str, int]:
     out: dict[str, int] = {}
     for _, _, line in log_lines("agent-*.log", since):
         m = SYNC_LINE.search(line)
-        for name in (m[3] or "").split(",") if m else ():
+        for name in (m[4] or "").split(",") if m else ():
             if name:
                 out[name] = out.get(name, 0) + 1
+    return out
+
+
+def sync_phases(since: float) -> dict[str, list[float]]:
+    """Where the logged syncs since `since` spent their time: phase -> seconds,
+    one entry per sync (the agent logs `(compute 0.1 render 0.02 ...)`)."""
+    out: dict[str, list[float]] = {}
+    for _, _, line in log_lines("agent-*.log", since):
+        m = SYNC_LINE.search(line)
+        words = (m[3] or "").split() if m else []
+        for name, seconds in zip(words[::2], words[1::2], strict=False):
+            out.setdefault(name, []).append(float(seconds))
     return out
 
 
@@ -1120,6 +1133,7 @@ class Results:
     computed: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Node -> (syncs, seconds in them) during the measurements, from the metrics."""
     causes: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, list[float]] = field(default_factory=dict)
     """What the logged syncs changed (desired-state part -> syncs)."""
 
 
@@ -1188,6 +1202,7 @@ async def measure(args: argparse.Namespace, res: Results) -> None:
                 await asyncio.sleep(1)
             res.syncs = sync_times(since)
             res.causes = sync_causes(since)
+            res.phases = sync_phases(since)
             after = await asyncio.to_thread(agent_syncs)
             res.computed = {
                 node: (after[node][0] - c0, after[node][1] - t0)
@@ -1270,6 +1285,13 @@ def report(args: argparse.Namespace, res: Results) -> None:
         print(
             "  what they changed (part of the desired state: syncs): "
             + ", ".join(f"{k} {v}" for k, v in sorted(res.causes.items(), key=lambda kv: -kv[1]))
+        )
+    if res.phases:
+        print(
+            "  where their time went (phase p50 / p95 s): "
+            + ", ".join(
+                f"{k} {pct(v, 0.5):.3f} / {pct(v, 0.95):.3f}" for k, v in res.phases.items()
+            )
         )
     load = res.load
     print(

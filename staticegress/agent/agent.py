@@ -174,6 +174,23 @@ ENDPOINT_SHARDS = "members-endpoints"
 members objects labelled for this node, and every endpoints object."""
 
 
+class _Phases:
+    """Where a sync's time went, for its log line: when a node syncs slowly,
+    the first question is whether the model, the kernel or the loop took it."""
+
+    def __init__(self, start: float) -> None:
+        self._last = start
+        self._spent: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self._spent.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{name} {seconds:.3f}" for name, seconds in self._spent)
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     """Command-line settings."""
@@ -239,6 +256,8 @@ class NftPort(Protocol):
     """The nftables side of the dataplane (a `WatchedNftApplier`, or a fake)."""
 
     async def apply(self, batch: dict[str, Any]) -> None: ...
+
+    async def apply_all(self, batches: list[dict[str, Any]]) -> None: ...
 
     async def apply_text(self, text: str) -> None: ...
 
@@ -706,7 +725,9 @@ class Agent:
         assert self.transport is not None
         assert self.node_ip is not None
         start = time.perf_counter()
+        phases = _Phases(start)
         desired, invalid, snap = await self.compute()
+        phases.mark("compute")
         self._report_next = agent_record(
             node=self.node,
             policies=snap.policies,
@@ -742,6 +763,7 @@ class Agent:
         # Rendering is pure and, at a few thousand pods, tens of ms: on a
         # thread, so that the loop answers grants meanwhile.
         batch = await asyncio.to_thread(self._render_tables, desired, self.transport, gated)
+        phases.mark("render")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("node=%s ruleset=%s", self.node, batch)
         errors: list[str] = []
@@ -749,13 +771,16 @@ class Agent:
         errors += res.errors or []
         if spec.tunnel is not None or self.sysctl_problems:
             await self._prepare_host(tunnel=TUNNEL if spec.tunnel is not None else None)
+        phases.mark("routes")
         try:
             await self._apply_tables(batch, reassert=force)
         except NftError as exc:
             self.metrics.inc("sync_errors_total")
             raise TemporaryError(f"nftables refused the ruleset: {exc}") from exc
+        phases.mark("tables")
         fin = await self.netlink.apply(spec, phase="finish")
         errors += fin.errors or []
+        phases.mark("addresses")
         for ip in fin.new_addresses:
             task = asyncio.create_task(self._announce(ip))
             self._announcing.add(task)
@@ -781,11 +806,13 @@ class Agent:
         )
         self.applied = desired
         self._record(desired, start)
+        phases.mark("after")
         log.info(
-            "node=%s sync applied in %.3fs changed=%s rules=%d steered=%d snat=%d owned=%s "
+            "node=%s sync applied in %.3fs (%s) changed=%s rules=%d steered=%d snat=%d owned=%s "
             "gateways=%s",
             self.node,
             time.perf_counter() - start,
+            phases,
             ",".join(changed) or "nothing (forced)",
             sum(1 for r in desired.rules if r.steer or r.snat),
             desired.pods_steered,
@@ -839,8 +866,7 @@ class Agent:
                     updates = [{"nftables": owned + first}, *updates[1:]]
         self._tables = None  # unknown until every update is in
         drifts = self._drifts
-        for update in updates:
-            await self.nft.apply(update)
+        await self.nft.apply_all(updates)
         # A table of ours changed behind our back while we applied: what the
         # kernel holds is not `state`, and the forced sync must replace whole.
         self._tables = state if self._drifts == drifts else None

@@ -59,6 +59,16 @@ class NftApplier:
         """Run one batch as one transaction."""
         await self._runner.run(lambda: self._run(batch))
 
+    async def apply_all(self, batches: list[dict[str, Any]]) -> None:
+        """Run batches in order, each as one transaction, in one trip to the
+        runner's thread; stops at the first the kernel refuses."""
+
+        def run_all() -> None:
+            for batch in batches:
+                self._run(batch)
+
+        await self._runner.run(run_all)
+
     async def run(self, cmd: dict[str, Any]) -> Any:
         """Run one JSON command document and return libnftables' output."""
         return await self._runner.run(lambda: self._run(cmd))

@@ -51,6 +51,10 @@ class FakeNft:
     async def apply(self, batch: dict[str, Any]) -> None:
         self.batches.append(batch)
 
+    async def apply_all(self, batches: list[dict[str, Any]]) -> None:
+        for batch in batches:
+            await self.apply(batch)
+
     async def apply_text(self, text: str) -> None:
         self.texts.append(text)
 

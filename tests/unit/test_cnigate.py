@@ -25,6 +25,7 @@ from staticegress.dataplane import cnigate as g
 from staticegress.dataplane.host import Uplink
 from staticegress.dataplane.netlink import ApplyResult
 from staticegress.dataplane.nft import NftError
+from tests.unit.test_agent_sync import FakeNft
 
 FLANNEL: dict[str, Any] = {
     "name": "cbr0",
@@ -333,10 +334,11 @@ def test_ready_file_holds_the_boot_id(cfg: g.GateConfig) -> None:
 # ------------------------------------------------------------ agent hooks
 
 
-class _RefusingOnceNft:
+class _RefusingOnceNft(FakeNft):
     """Records whether the ready file existed at each batch; refuses the first batch."""
 
     def __init__(self, ready: Path) -> None:
+        super().__init__()
         self.ready = ready
         self.calls: list[tuple[bool, set[str], str]] = []
 
@@ -347,15 +349,6 @@ class _RefusingOnceNft:
         self.calls.append((self.ready.exists(), names, json.dumps(batch)))
         if len(self.calls) == 1:
             raise NftError("refused")
-
-    async def apply_text(self, text: str) -> None:
-        return None
-
-    async def run(self, cmd: dict[str, Any]) -> Any:
-        return {"nftables": []}
-
-    async def watch(self) -> None:
-        return None
 
 
 class _Netlink:
