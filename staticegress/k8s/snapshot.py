@@ -150,8 +150,17 @@ def published_selection(
         if shard.service:
             served.append(((shard.ref.namespace, shard.service), shard.endpoints))
     return replace(
-        snapshot, members=tuple(sorted(members)), endpoints=_endpoint_table(served)
+        snapshot,
+        members=tuple(sorted(members, key=_member_order)),
+        endpoints=_endpoint_table(served),
     ), dropped
+
+
+def _member_order(m: Member) -> tuple[str, str, int, int, str]:
+    """The order of `Member`'s own comparison, as plain values: the generated
+    one compared field by field in Python, a fifth of a sync's model time
+    with a few thousand members."""
+    return (m.ref.namespace, m.ref.name, m.rule, int(m.ip), m.node)
 
 
 def _endpoint_table(

@@ -347,3 +347,23 @@ def test_random_clusters_program_alike_through_the_publication(seed: int) -> Non
         rules = {(EgressIPRef(ns, name), rule) for ns, name, rule, n in given_rules if n == node}
         assert _roles(full, node) & selecting <= rules
         assert {str(ip) for ip in got.remote_pods} == _remote_members(full, node, rules)
+
+
+def test_published_members_come_in_the_members_own_order() -> None:
+    """The agent sorts thousands of members per sync by plain values; the order
+    must be `Member`'s own (refs, then rule, address and node), so that the
+    model sees the same snapshot either way."""
+    from staticegress.api.members import Member
+    from staticegress.k8s.snapshot import _member_order
+
+    rnd = random.Random(7)
+    members = {
+        Member(
+            EgressIPRef(rnd.choice(["a", "b", "kube"]), rnd.choice(["x", "y", "x-1"])),
+            rnd.randrange(3),
+            IPv4Address(rnd.choice(["10.0.0.9", "10.0.0.10", "9.255.0.1", "10.0.1.2"])),
+            NodeName(rnd.choice(["node-1", "node-10", "node-2"])),
+        )
+        for _ in range(300)
+    }
+    assert sorted(members, key=_member_order) == sorted(members)
