@@ -33,8 +33,8 @@ from staticegress.api.types import NodeName
 from staticegress.dataplane.netlink import NetlinkApplier
 from staticegress.dataplane.netns import NetnsRunner
 from staticegress.dataplane.nft import NftApplier
-from staticegress.k8s.snapshot import build_snapshot
-from staticegress.model.desired import AgentConfig, Transport, compute_desired
+from staticegress.k8s.snapshot import ParseCache, build_snapshot
+from staticegress.model.desired import AgentConfig, Snapshot, Transport, compute_desired
 from staticegress.render.netlink import NetlinkSpec, RoutingConfig, render_netlink
 from staticegress.render.nft import delete_table_batch, render_ruleset
 
@@ -197,9 +197,11 @@ class Rendered:
     netlink: NetlinkSpec
 
 
-def render(cluster: Cluster, *, node: int, transport: Transport) -> Rendered:
-    """compute_desired -> render_ruleset and render_netlink, for node-`node`."""
-    objs = cluster.objects
+def snapshot(
+    objs: dict[str, dict[str, Any]], cache: ParseCache | None = None
+) -> tuple[Snapshot, list[Any]]:
+    """The snapshot of a synthetic cluster's raw objects (policies, pods and
+    nodes; no Services), and what was refused."""
     snap, invalid = build_snapshot(
         policies=objs["policies"],
         pods=objs["pods"],
@@ -207,7 +209,14 @@ def render(cluster: Cluster, *, node: int, transport: Transport) -> Rendered:
         services={},
         namespaces={},
         slices={},
+        cache=cache,
     )
+    return snap, list(invalid)
+
+
+def render(cluster: Cluster, *, node: int, transport: Transport) -> Rendered:
+    """compute_desired -> render_ruleset and render_netlink, for node-`node`."""
+    snap, invalid = snapshot(cluster.objects)
     if invalid:
         raise ValueError(f"synthetic objects refused: {invalid[:3]}")
     desired = compute_desired(snap, AgentConfig(node=NodeName(f"node-{node}"), transport=transport))

@@ -27,8 +27,10 @@ import uuid
 from ipaddress import IPv4Address
 from typing import Any
 
+from _cluster import snapshot
+
 from staticegress.api.types import NodeName
-from staticegress.k8s.snapshot import ParseCache, build_snapshot
+from staticegress.k8s.snapshot import ParseCache
 from staticegress.model.desired import AgentConfig, compute_desired
 from staticegress.render.netlink import RoutingConfig, render_netlink
 from staticegress.render.nft import render_ruleset
@@ -104,15 +106,7 @@ def resync(
 ) -> tuple[dict[str, float], Any, Any]:
     times: dict[str, float] = {}
     t = time.process_time()
-    snap, _ = build_snapshot(
-        policies=objs["policies"],
-        pods=objs["pods"],
-        nodes=objs["nodes"],
-        services={},
-        namespaces={},
-        slices={},
-        cache=cache,
-    )
+    snap, _ = snapshot(objs, cache)
     times["parse"] = time.process_time() - t
     t = time.process_time()
     desired = compute_desired(snap, AgentConfig(node=NodeName("node-0"), transport="vxlan"))

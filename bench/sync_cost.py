@@ -22,17 +22,15 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from _cluster import snapshot
 from resync import cluster
 
 from staticegress.agent.agent import RELEASE_SETS
 from staticegress.api.types import NodeName
 from staticegress.cli.service import GC_YOUNGEST
-from staticegress.k8s.snapshot import ParseCache, build_snapshot
+from staticegress.k8s.snapshot import ParseCache
 from staticegress.model.desired import AgentConfig, compute_desired
 from staticegress.render.nft import render_ruleset
 from staticegress.render.nftdiff import incremental_update, table_state
@@ -60,15 +58,7 @@ def one_sync(
 ) -> tuple[dict[str, float], Any]:
     times: dict[str, float] = {}
     t = time.perf_counter()
-    snap, _ = build_snapshot(
-        policies=objs["policies"],
-        pods=objs["pods"],
-        nodes=objs["nodes"],
-        services={},
-        namespaces={},
-        slices={},
-        cache=cache,
-    )
+    snap, _ = snapshot(objs, cache)
     times["parse"] = time.perf_counter() - t
     t = time.perf_counter()
     desired = compute_desired(snap, AgentConfig(node=NodeName("node-0"), transport="vxlan"))

@@ -8,19 +8,23 @@ is the agent's `NftApplier` plus a watchdog that repairs it within a second:
 - every batch applied through it updates the set of tables we own (its
   `add table` / `delete table` commands, in order; a batch that only adds
   elements leaves the set alone), and, in the same call on the applier's
-  thread, records a fingerprint of each: a hash of its terse, stateless
-  listing (chains, rules, set and map definitions with their handles; no
-  elements, no counters), so traffic and element timeouts never look like
-  drift;
+  thread, records a fingerprint of each table it changed other than by set
+  elements: a hash of its terse, stateless listing (chains, rules, set and
+  map definitions with their handles; no elements, no counters), so traffic
+  and element timeouts never look like drift. A batch of elements only (most
+  in-place syncs) keeps the fingerprints it cannot change: listing our
+  tables costs seconds at 10,000 pods;
 - `watch()` subscribes to the kernel's nftables notifications (a
   NETLINK_NETFILTER socket in group NFNLGRP_NFTABLES, opened on the
-  applier's thread so it lives in the namespace we program) and, after every
-  burst of notifications, compares the fingerprints: one cheap listing per
-  owned table, coalesced however many messages arrived. A burst of set
-  element messages only (the grant lease renews ten times a second per
-  manager) cannot change a fingerprint, and is not compared. It also compares
-  every `poll_interval` seconds, in case notifications were lost (the
-  socket overflowed: ENOBUFS) or the socket could not be opened at all;
+  applier's thread so it lives in the namespace we program) and, after a
+  burst of notifications that may change the structure of one of our
+  tables, compares the fingerprints: one listing per owned table, coalesced
+  however many messages arrived. Set element messages (the grant lease
+  renews ten times a second per manager) and changes to other tables (a
+  proxy's nftables mode rewrites its own on every endpoint change) cannot
+  change a fingerprint, and are not compared. Without notifications (the
+  socket could not be opened) it compares every `poll_interval` seconds
+  instead, and after any lost notifications (the socket overflowed: ENOBUFS);
 - our own batches' notifications are read by the applier right after its
   batches, on its thread (the kernel queues them before the transaction
   returns), and the watch reads the socket on that thread too: what the
@@ -55,7 +59,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from staticegress.dataplane.netns import NetnsRunner
@@ -112,6 +116,19 @@ def tables_touched(batch: dict[str, Any]) -> set[TableId]:
     return out
 
 
+def tables_reshaped(batch: dict[str, Any]) -> set[TableId]:
+    """The tables a command of `batch` names other than by adding or deleting
+    set elements: those whose fingerprint (no elements) may change."""
+    elementless = {
+        "nftables": [
+            c
+            for c in batch.get("nftables", [])
+            if not (isinstance(c, dict) and all(set(o) == {"element"} for o in c.values()))
+        ]
+    }
+    return tables_touched(elementless)
+
+
 def open_notification_socket() -> socket.socket:
     """A non-blocking socket subscribed to nftables changes in the calling thread's namespace."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -153,6 +170,8 @@ class WatchedNftApplier(NftApplier):
         self._last_repair_request = float("-inf")
         self._sock: socket.socket | None = None
         """The watch's notification socket, while it runs."""
+        self._lost = False
+        """Notifications were dropped (ENOBUFS) since the flag was cleared."""
         self.restores = 0
         self.checks = 0
         self.skipped = 0
@@ -191,9 +210,11 @@ class WatchedNftApplier(NftApplier):
         if sock is None:
             return False
         try:
-            return _drain(sock)
+            seen, lost = _drain(sock, frozenset(self._expected))
         except OSError:
             return True  # closed as the watch ends, or unreadable: compare
+        self._lost = self._lost or lost
+        return seen
 
     def _apply_and_record(self, batches: list[dict[str, Any]]) -> list[str]:
         """Apply the batches in order, fingerprint the tables they touched, and
@@ -207,6 +228,7 @@ class WatchedNftApplier(NftApplier):
         before = self._expected
         early = self._differences() if self._pending_structural() else []
         touched: set[TableId] = set()
+        reshaped: set[TableId] = set()
         exists: set[TableId] = set(before)
         refused: NftError | None = None
         for batch in batches:
@@ -216,21 +238,29 @@ class WatchedNftApplier(NftApplier):
                 refused = exc
                 break
             touched |= tables_touched(batch)
+            reshaped |= tables_reshaped(batch)
             exists = tables_after(batch, exists)
         if not touched:
             if refused is not None:
                 raise refused
             return early
+        self._lost = False
         self._pending_structural()
+        # Without notifications (or with some lost), only listings show an
+        # edit next to ours; with them, the watch hears of any edit after ours.
+        blind = self._sock is None or self._lost
         after: dict[TableId, str | None] = {}
         untouched: list[str] = []
         for table in sorted(exists):
-            if table in touched or table not in before:
+            if table in reshaped or table not in before:
                 after[table] = self._fingerprint(table)
             else:
-                # Not ours to re-record: a drift there must still be seen.
+                # Unchanged but for elements, which fingerprints leave out (a
+                # sync of a few thousand pods changes only elements, and the
+                # listings cost it seconds). A drift there must still be seen.
                 after[table] = before[table]
-                untouched.append(self._compare(table, before[table]) or "")
+                if blind:
+                    untouched.append(self._compare(table, before[table]) or "")
         self._expected = after
         if refused is not None:
             # What went in is recorded; the caller learns of the refusal.
@@ -323,11 +353,12 @@ class WatchedNftApplier(NftApplier):
                 # one of ours notified is read by it (`_apply_and_record`), and
                 # whatever is left here came from somebody else.
                 pending = await self._runner.run(self._pending_structural)
-                if sock is not None and not pending and woke:
+                if sock is not None and not pending:
                     # Only elements changed (the grant lease's renewals, ten
-                    # times a second per manager): fingerprints hold no
-                    # elements, so there is nothing to compare.
-                    self.skipped += 1
+                    # times a second per manager), or only other tables, or
+                    # nothing (the poll, while the kernel tells us of every
+                    # change): there is nothing to compare.
+                    self.skipped += woke
                     continue
                 await self.check()
         finally:
@@ -341,34 +372,65 @@ NFNL_SUBSYS_NFTABLES = 10
 ELEMENT_ONLY = frozenset({12, 14, 15, 30})
 """nftables messages that change no table's structure: NEWSETELEM, DELSETELEM,
 NEWGEN (the end of every transaction) and DESTROYSETELEM."""
+FAMILIES = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
+"""nftables family names -> the protocol numbers notifications carry."""
+TABLE_ATTRIBUTE = 1
+"""In every nftables message that names a table (tables, chains, rules, sets,
+objects, flowtables), the attribute holding its name."""
 
 
-def structural(data: bytes) -> bool:
+def _table_of(data: bytes, off: int, length: int) -> tuple[int, str] | None:
+    """(family, table name) of the nftables message at `off`, if it names one."""
+    family = data[off + 16]
+    pos, end = off + 20, off + length
+    while pos + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", data, pos)
+        if alen < 4:
+            return None
+        if atype & 0x3FFF == TABLE_ATTRIBUTE:
+            name = data[pos + 4 : pos + alen].split(b"\0", 1)[0]
+            return family, name.decode(errors="replace")
+        pos += (alen + 3) & ~3
+    return None
+
+
+def structural(data: bytes, owned: Collection[TableId] | None = None) -> bool:
     """Whether a buffer of netlink messages holds one that may change a table's
-    structure (anything but set elements and the generation)."""
+    structure (anything but set elements and the generation); with `owned`,
+    only a change to one of those tables counts (a message naming no table
+    counts too). Other tables change all the time (a proxy's nftables mode
+    rewrites its own on every endpoint change), and need no look at ours."""
+    mine = None if owned is None else {(FAMILIES.get(f, -1), n) for f, n in owned}
     off = 0
     while off + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, off)
-        if kind >> 8 != NFNL_SUBSYS_NFTABLES or (kind & 0xFF) not in ELEMENT_ONLY:
-            return True
         if length < 16:
             return True  # malformed: look
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES:
+            return True
+        if (kind & 0xFF) not in ELEMENT_ONLY:
+            if mine is None or length < 20:
+                return True
+            table = _table_of(data, off, min(length, len(data) - off))
+            if table is None or table in mine:
+                return True
         off += (length + 3) & ~3
     return False
 
 
-def _drain(sock: socket.socket) -> bool:
-    """Read every queued notification; whether any may have changed a table's
-    structure (or some were lost)."""
-    seen = False
+def _drain(sock: socket.socket, owned: Collection[TableId] | None = None) -> tuple[bool, bool]:
+    """Read every queued notification: whether any may have changed the
+    structure of a table of `owned` (all tables if None), and whether some
+    were lost (the socket overflowed; that counts as a change too)."""
+    seen = lost = False
     while True:
         try:
-            seen = structural(sock.recv(65536)) or seen
+            seen = structural(sock.recv(65536), owned) or seen
         except BlockingIOError:
-            return seen
+            return seen, lost
         except OSError as exc:
             if exc.errno != errno.ENOBUFS:
                 raise
             # Some notifications were dropped: the check that follows covers them.
             log.debug("nftables: notification socket overflowed")
-            seen = True
+            seen = lost = True

@@ -14,7 +14,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from pyroute2 import conntrack
 
-from staticegress.dataplane.conntrack import flush_destinations
+from staticegress.dataplane import conntrack as ct_module
+from staticegress.dataplane.conntrack import flush_destinations, flush_misnated
 from staticegress.dataplane.netns import NetnsRunner
 
 POD_A, POD_B = "10.244.0.2", "10.244.0.3"
@@ -74,7 +75,14 @@ def _flows(runner: NetnsRunner) -> set[tuple[str, str]]:
     return asyncio.run(runner.run(dump))
 
 
-def test_each_pod_loses_only_the_connections_outside_what_it_keeps(netns: str) -> None:
+@pytest.mark.parametrize("dump", ["per pod", "whole table"])
+def test_each_pod_loses_only_the_connections_outside_what_it_keeps(
+    netns: str, dump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either way of reading the table: a dump per pod, filtered by the kernel
+    (a change touching few pods), or one of the whole table (many pods)."""
+    if dump == "whole table":
+        monkeypatch.setattr(ct_module, "FILTERED_DUMP_MAX", 0)
     _sh(
         "ip", "netns", "exec", netns, sys.executable, "-c", SEND,
         POD_A, KEPT, POD_A, RESET, POD_B, RESET,
@@ -94,3 +102,46 @@ def test_each_pod_loses_only_the_connections_outside_what_it_keeps(netns: str) -
     assert removed == 1
     assert (POD_A, RESET) not in after
     assert {(POD_A, KEPT), (POD_B, RESET)} <= after, "a kept connection was reset"
+
+
+NODE_ADDRESS, EGRESS_IP = "198.51.100.7", "198.51.100.100"
+
+
+@pytest.mark.parametrize("dump", ["per pod", "whole table"])
+def test_only_connections_masqueraded_to_another_address_are_deleted(
+    netns: str, dump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repair after a pod is steered: its connections whose source NAT
+    chose an address other than an egress IP (the CNI's masquerade) go, unless
+    their destination is kept; one NATed to an egress IP stays."""
+    if dump == "whole table":
+        monkeypatch.setattr(ct_module, "FILTERED_DUMP_MAX", 0)
+    _sh(
+        "ip", "netns", "exec", netns, "nft",
+        "add table ip n; add chain ip n post { type nat hook postrouting priority 100; };"
+        f" add rule ip n post ip saddr {POD_A} snat to {NODE_ADDRESS};"
+        f" add rule ip n post ip saddr {POD_B} snat to {EGRESS_IP}",
+    )  # fmt: skip
+    _sh(
+        "ip", "netns", "exec", netns, sys.executable, "-c", SEND,
+        POD_A, KEPT, POD_A, RESET, POD_B, RESET,
+    )  # fmt: skip
+    runner = NetnsRunner(netns)
+    try:
+        before = _flows(runner)
+        assert {(POD_A, KEPT), (POD_A, RESET), (POD_B, RESET)} <= before
+        removed = asyncio.run(
+            runner.run(
+                lambda: flush_misnated(
+                    [IPv4Address(POD_A), IPv4Address(POD_B)],
+                    [IPv4Address(EGRESS_IP)],
+                    [IPv4Network("192.0.2.0/24")],
+                )
+            )
+        )
+        after = _flows(runner)
+    finally:
+        runner.close()
+    assert removed == 1
+    assert (POD_A, RESET) not in after
+    assert {(POD_A, KEPT), (POD_B, RESET)} <= after, "a connection was deleted wrongly"
