@@ -107,6 +107,14 @@ class Member:
     node: NodeName
 
 
+def member_order(m: Member) -> tuple[str, str, int, int, str]:
+    """`Member`'s own order, as plain values: the generated comparison runs
+    field by field in Python, and sorting the thousands of members of a
+    selection with it took a fifth of the manager's selection and of an
+    agent's model time."""
+    return (m.ref.namespace, m.ref.name, m.rule, int(m.ip), m.node)
+
+
 @dataclass(frozen=True)
 class MemberShard:
     """One published object, checked."""

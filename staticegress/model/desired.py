@@ -70,7 +70,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Literal
 
 from staticegress.api.core import Namespace, Node, Pod, Service
-from staticegress.api.members import Member
+from staticegress.api.members import Member, member_order
 from staticegress.api.pools import EgressIPPool
 from staticegress.api.types import (
     EgressIPRef,
@@ -319,7 +319,7 @@ def select_members(
             if svc is not None and svc.selector is None:
                 named.add((svc.namespace, svc.name))
     endpoints = tuple((k, v) for k, v in sorted(selector.endpoints.items()) if k in named)
-    return tuple(sorted(members)), endpoints
+    return tuple(sorted(members, key=member_order)), endpoints
 
 
 RuleKey = tuple[EgressIPRef, int]

@@ -110,7 +110,7 @@ def render_member_shards(
     for pol in policies:
         for rule in pol.spec.rules:
             key = (pol.ref, rule.index)
-            chosen = sorted(by_rule.get(key, ()), key=lambda m: (m.ip, m.node))
+            chosen = sorted(by_rule.get(key, ()), key=lambda m: (int(m.ip), m.node))
             holders = {gateway_label(n): "" for n in sorted(readers.get(key, ()))}
             for page, start in enumerate(range(0, len(chosen), shard_size)):
                 name = f"{pol.uid}-{rule.index}-{page}"

@@ -349,12 +349,11 @@ def test_random_clusters_program_alike_through_the_publication(seed: int) -> Non
         assert {str(ip) for ip in got.remote_pods} == _remote_members(full, node, rules)
 
 
-def test_published_members_come_in_the_members_own_order() -> None:
-    """The agent sorts thousands of members per sync by plain values; the order
-    must be `Member`'s own (refs, then rule, address and node), so that the
-    model sees the same snapshot either way."""
-    from staticegress.api.members import Member
-    from staticegress.k8s.snapshot import _member_order
+def test_members_sort_by_plain_values_in_their_own_order() -> None:
+    """The manager's selection and the agent's snapshot sort thousands of
+    members by plain values; the order must be `Member`'s own (refs, then
+    rule, address and node), so that both see the same result either way."""
+    from staticegress.api.members import Member, member_order
 
     rnd = random.Random(7)
     members = {
@@ -366,4 +365,4 @@ def test_published_members_come_in_the_members_own_order() -> None:
         )
         for _ in range(300)
     }
-    assert sorted(members, key=_member_order) == sorted(members)
+    assert sorted(members, key=member_order) == sorted(members)
