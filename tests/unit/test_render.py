@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 import pytest
 
@@ -173,10 +173,10 @@ def test_routing_spec_per_transport() -> None:
 
 
 def test_the_guard_is_one_line_in_its_own_table_with_each_pods_own_destinations() -> None:
-    """The guard outlives our table (its own table), costs one line per packet
-    whatever the number of rules, and keys each pod to the destinations its own
-    rules steer it for: a pod selected for one rule may still be masqueraded
-    towards another rule's destinations."""
+    """The guard outlives our table (its own table), costs one line and a
+    class's chain per packet whatever the number of rules, and keys each pod
+    to the destinations its own rules steer it for: a pod selected for one
+    rule may still be masqueraded towards another rule's destinations."""
     desired = _desired()
     cmds = render_ruleset(desired, transport="direct")["nftables"]
     guard = [
@@ -185,15 +185,37 @@ def test_the_guard_is_one_line_in_its_own_table_with_each_pods_own_destinations(
         if c.get("add", {}).get(next(iter(c.get("add", {})), ""), {}).get("table") == GUARD_TABLE
     ]
     rules = [g["rule"] for g in guard if "rule" in g]
-    assert len(rules) == 1
-    assert rules[0]["expr"][-1] == {"drop": None}
-    elems = next(
-        g["set"]["elem"] for g in guard if g.get("set", {}).get("name") == "pod_destinations"
+    base = [r for r in rules if r["chain"] == "guard"]
+    assert len(base) == 1
+    assert base[0]["expr"][-1]["vmap"]["data"] == "@pod_classes"
+    classes = {r["chain"]: r for r in rules if r["chain"] != "guard"}
+    assert classes
+    assert all(r["expr"][-1] == {"drop": None} for r in classes.values())
+    sets = {g["set"]["name"]: g["set"].get("elem", []) for g in guard if "set" in g}
+    pod_classes = next(
+        g["map"]["elem"] for g in guard if g.get("map", {}).get("name") == "pod_classes"
     )
-    pairs = {(e["concat"][0], json.dumps(e["concat"][1])) for e in elems}
+    pairs = {
+        (pod, json.dumps(e))
+        for pod, verdict in pod_classes
+        for e in sets[f"{verdict['jump']['target']}_dst"]
+    }
     steered = {str(ip) for r in desired.rules for ip, _ in [*r.steer, *r.snat]}
     assert {p for p, _ in pairs} == steered
-    assert len(pairs) == len(elems)  # no pod has overlapping pieces
+    assert len(classes) < len(pod_classes), "pods with the same destinations share a class"
+    # Each pod's destinations: its own pieces, collapsed.
+    for pod, verdict in pod_classes:
+        want = collapse_addresses(
+            net for ip, net, _ in (*desired.steer_pieces, *desired.snat_pieces) if str(ip) == pod
+        )
+        got = sets[f"{verdict['jump']['target']}_dst"]
+        assert got == [_nft_range(n) for n in want]
+
+
+def _nft_range(net: IPv4Network) -> object:
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
 def test_no_guard_without_selected_pods() -> None:
