@@ -171,14 +171,13 @@ def _set(
     elems: list[Any],
     *,
     interval: bool,
-    type_: str | list[str] = "ipv4_addr",
     table: str = TABLE,
 ) -> Json:
     body: Json = {
         "family": FAMILY,
         "table": table,
         "name": name,
-        "type": type_,
+        "type": "ipv4_addr",
         "comment": comment[:128],
     }
     if interval:
