@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -75,14 +75,9 @@ def _flows(runner: NetnsRunner) -> set[tuple[str, str]]:
     return asyncio.run(runner.run(dump))
 
 
-@pytest.mark.parametrize("dump", ["per pod", "whole table"])
-def test_each_pod_loses_only_the_connections_outside_what_it_keeps(
-    netns: str, dump: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Either way of reading the table: a dump per pod, filtered by the kernel
-    (a change touching few pods), or one of the whole table (many pods)."""
-    if dump == "whole table":
-        monkeypatch.setattr(ct_module, "FILTERED_DUMP_MAX", 0)
+def _three_flows_then(netns: str, flush: Callable[[], int]) -> tuple[int, set[tuple[str, str]]]:
+    """Pod A to a kept and to a reset destination, pod B to the reset one;
+    then `flush` in the namespace: (what it removed, the flows left)."""
     _sh(
         "ip", "netns", "exec", netns, sys.executable, "-c", SEND,
         POD_A, KEPT, POD_A, RESET, POD_B, RESET,
@@ -91,14 +86,23 @@ def test_each_pod_loses_only_the_connections_outside_what_it_keeps(
     try:
         before = _flows(runner)
         assert {(POD_A, KEPT), (POD_A, RESET), (POD_B, RESET)} <= before
-        removed = asyncio.run(
-            runner.run(
-                lambda: flush_destinations({IPv4Address(POD_A): [IPv4Network("192.0.2.0/24")]})
-            )
-        )
-        after = _flows(runner)
+        removed = asyncio.run(runner.run(flush))
+        return removed, _flows(runner)
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("dump", ["per pod", "whole table"])
+def test_each_pod_loses_only_the_connections_outside_what_it_keeps(
+    netns: str, dump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either way of reading the table: a dump per pod, filtered by the kernel
+    (a change touching few pods), or one of the whole table (many pods)."""
+    if dump == "whole table":
+        monkeypatch.setattr(ct_module, "FILTERED_DUMP_MAX", 0)
+    removed, after = _three_flows_then(
+        netns, lambda: flush_destinations({IPv4Address(POD_A): [IPv4Network("192.0.2.0/24")]})
+    )
     assert removed == 1
     assert (POD_A, RESET) not in after
     assert {(POD_A, KEPT), (POD_B, RESET)} <= after, "a kept connection was reset"
@@ -122,26 +126,14 @@ def test_only_connections_masqueraded_to_another_address_are_deleted(
         f" add rule ip n post ip saddr {POD_A} snat to {NODE_ADDRESS};"
         f" add rule ip n post ip saddr {POD_B} snat to {EGRESS_IP}",
     )  # fmt: skip
-    _sh(
-        "ip", "netns", "exec", netns, sys.executable, "-c", SEND,
-        POD_A, KEPT, POD_A, RESET, POD_B, RESET,
-    )  # fmt: skip
-    runner = NetnsRunner(netns)
-    try:
-        before = _flows(runner)
-        assert {(POD_A, KEPT), (POD_A, RESET), (POD_B, RESET)} <= before
-        removed = asyncio.run(
-            runner.run(
-                lambda: flush_misnated(
-                    [IPv4Address(POD_A), IPv4Address(POD_B)],
-                    [IPv4Address(EGRESS_IP)],
-                    [IPv4Network("192.0.2.0/24")],
-                )
-            )
-        )
-        after = _flows(runner)
-    finally:
-        runner.close()
+    removed, after = _three_flows_then(
+        netns,
+        lambda: flush_misnated(
+            [IPv4Address(POD_A), IPv4Address(POD_B)],
+            [IPv4Address(EGRESS_IP)],
+            [IPv4Network("192.0.2.0/24")],
+        ),
+    )
     assert removed == 1
     assert (POD_A, RESET) not in after
     assert {(POD_A, KEPT), (POD_B, RESET)} <= after, "a connection was deleted wrongly"
