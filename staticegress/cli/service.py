@@ -30,6 +30,7 @@ def tune_gc() -> None:
     start-up (modules, parsed manifests) out of every later collection."""
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNGEST, older, oldest)
+    gc.collect()  # what start-up left unreachable goes now, not frozen
     gc.freeze()
 
 

@@ -16,8 +16,10 @@ packet. `flush_misnated` deletes exactly those, so they start anew steered.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import platform
 from collections.abc import Callable, Collection, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, ip_address
 
@@ -28,17 +30,34 @@ log = logging.getLogger(__name__)
 
 FILTERED_DUMP_MAX = 64
 """Up to this many pods, each pod's entries are dumped apart, filtered by the
-kernel on their original source (CTA_FILTER, Linux 5.8 and later; an older
-kernel returns everything and the filter applies here). Decoding an entry
-costs about a millisecond of Python: one dump of a busy node's whole table,
-for the one or two pods a change usually concerns, cost seconds of CPU that
-the agent's other threads waited for. A kernel walk per pod costs far less.
-Beyond this many pods, one dump of the whole table."""
+kernel on their original source (CTA_FILTER, Linux 5.8 and later). Decoding
+an entry costs about a millisecond of Python: one dump of a busy node's whole
+table, for the one or two pods a change usually concerns, cost seconds of
+CPU that the agent's other threads waited for. A kernel walk per pod costs
+far less. Beyond this many pods, or on an older kernel (which ignores the
+filter, so that each pod's dump would decode the whole table), one dump of
+the whole table."""
+
+FILTER_SINCE = (5, 8)
+"""The first kernel whose conntrack dumps filter on the original tuple."""
+
+
+@functools.cache
+def _kernel_filters() -> bool:
+    """Whether this kernel filters conntrack dumps (by its release number: a
+    kernel that ignores the filter says nothing, and the library filters
+    again on its side, so it cannot be seen from the results)."""
+    release = platform.release()
+    try:
+        major, minor = (int(part) for part in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= FILTER_SINCE
 
 
 def _entries(ct: conntrack.Conntrack, srcs: Collection[str]) -> Iterable[conntrack.ConntrackEntry]:
     """The entries whose original source may be one of `srcs` (a superset)."""
-    if len(srcs) > FILTERED_DUMP_MAX:
+    if len(srcs) > FILTERED_DUMP_MAX or not _kernel_filters():
         whole: Iterable[conntrack.ConntrackEntry] = ct.dump_entries()
         return whole
     return itertools.chain.from_iterable(

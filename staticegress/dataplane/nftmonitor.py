@@ -29,7 +29,7 @@ is the agent's `NftApplier` plus a watchdog that repairs it within a second:
   batches, on its thread (the kernel queues them before the transaction
   returns), and the watch reads the socket on that thread too: what the
   watch finds came from somebody else, so a sync costs no check (at a few
-  thousand pods, checks after our own syncs took a third of the thread). A
+  thousand pods, checks after our own syncs took half of the thread). A
   structural notification still waiting when a batch starts is compared
   before the batch, so the batch's fingerprint never swallows it;
 - on a difference it calls `on_drift()` once (the agent forces a full
@@ -45,8 +45,10 @@ Invariants:
   produce thousands of notifications, and resyncing on overflow would feed
   itself;
 - a table removed between our commit and our fingerprint (a window of
-  milliseconds) is caught there, as missing; an in-place edit in that
-  window is recorded as ours and left to the periodic resync.
+  milliseconds) is caught there, as missing, and so is any structural
+  change then to a table our batches changed only by elements (its
+  notification names it); an in-place edit in that window of a table our
+  batches reshaped is recorded as ours and left to the periodic resync.
 """
 
 from __future__ import annotations
@@ -201,30 +203,33 @@ class WatchedNftApplier(NftApplier):
         text = out if isinstance(out, str) else repr(out)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def _pending_structural(self) -> bool:
+    def _pending_structural(self, tables: Collection[TableId] | None = None) -> bool:
         """Read what waits in the notification socket; whether any of it may
-        have changed a table's structure. On the runner's thread: the kernel
-        queues a transaction's notifications before the transaction returns,
-        so right after one of ours, what waits is ours."""
+        have changed the structure of one of `tables` (default: every table
+        we own), or was lost. On the runner's thread: the kernel queues a
+        transaction's notifications before the transaction returns, so right
+        after one of ours, what waits is ours (and whatever came meanwhile)."""
         sock = self._sock
         if sock is None:
             return False
         try:
-            seen, lost = _drain(sock, frozenset(self._expected))
+            seen, lost = _drain(sock, frozenset(self._expected if tables is None else tables))
         except OSError:
             return True  # closed as the watch ends, or unreadable: compare
         self._lost = self._lost or lost
         return seen
 
-    def _apply_and_record(self, batches: list[dict[str, Any]]) -> list[str]:
-        """Apply the batches in order, fingerprint the tables they touched, and
-        compare the others.
+    def _apply_and_record(self, batches: list[dict[str, Any]]) -> tuple[list[str], NftError | None]:
+        """Apply the batches in order, fingerprint the tables they changed, and
+        compare the others when something may have changed them; return the
+        differences found, and the kernel's refusal of a batch, if any (what
+        went in before it is recorded all the same).
 
         A change behind our back whose notification still waits is compared
         first (our batches would otherwise be fingerprinted with it). Our own
         notifications are then read here, so the watch does not list every
         table again after each of our syncs (at a few thousand pods that was
-        a third of the thread's time, with syncs queued behind it)."""
+        half of the thread's time, with syncs queued behind it)."""
         before = self._expected
         early = self._differences() if self._pending_structural() else []
         touched: set[TableId] = set()
@@ -241,14 +246,15 @@ class WatchedNftApplier(NftApplier):
             reshaped |= tables_reshaped(batch)
             exists = tables_after(batch, exists)
         if not touched:
-            if refused is not None:
-                raise refused
-            return early
+            return early, refused
         self._lost = False
-        self._pending_structural()
+        # Our batches notified structural changes only for the tables they
+        # reshaped, which are listed anew below: a structural change to any
+        # other table of ours came from somebody else, during our batches.
+        others = self._pending_structural(exists - reshaped)
         # Without notifications (or with some lost), only listings show an
-        # edit next to ours; with them, the watch hears of any edit after ours.
-        blind = self._sock is None or self._lost
+        # edit next to ours; with them, such an edit is named by them.
+        blind = self._sock is None or self._lost or others
         after: dict[TableId, str | None] = {}
         untouched: list[str] = []
         for table in sorted(exists):
@@ -262,11 +268,16 @@ class WatchedNftApplier(NftApplier):
                 if blind:
                     untouched.append(self._compare(table, before[table]) or "")
         self._expected = after
-        if refused is not None:
-            # What went in is recorded; the caller learns of the refusal.
-            raise refused
         missing = [f"{' '.join(t)} removed" for t in touched if after.get(t, "") is None]
-        return early + missing + [d for d in untouched if d]
+        return early + missing + [d for d in untouched if d], refused
+
+    def _check_pending(self) -> tuple[bool, list[str]]:
+        """The watch's step, in one job on the runner's thread (so that no batch
+        of ours comes between reading a change and comparing it): whether a
+        comparison was needed, and what it found."""
+        if self._sock is not None and not self._pending_structural():
+            return False, []
+        return True, self._differences()
 
     def _compare(self, table: TableId, expected: str | None) -> str | None:
         now = self._fingerprint(table)
@@ -291,7 +302,11 @@ class WatchedNftApplier(NftApplier):
     async def apply_all(self, batches: list[dict[str, Any]]) -> None:
         """Run batches in order, each as one transaction, and fingerprint what
         they left once."""
-        diffs = await self._runner.run(lambda: self._apply_and_record(batches))
+        diffs, refused = await self._runner.run(lambda: self._apply_and_record(batches))
+        if refused is not None:
+            if diffs:
+                self._drifted(", ".join(diffs))
+            raise refused
         if diffs:
             self._drifted(", ".join(diffs))
         elif self._drift_since is not None:
@@ -300,14 +315,6 @@ class WatchedNftApplier(NftApplier):
             self.restores += 1
             log.warning("nftables: %s behind our back; restored in %.3fs", self._drift_what, took)
             self._on_restored(took)
-
-    async def check(self) -> bool:
-        """Compare every owned table with its fingerprint; False (and a forced
-        repair requested) if any was removed or changed."""
-        diffs = await self._runner.run(self._differences)
-        if diffs:
-            self._drifted(", ".join(diffs))
-        return not diffs
 
     def _drifted(self, what: str) -> None:
         now = time.monotonic()
@@ -352,15 +359,15 @@ class WatchedNftApplier(NftApplier):
                 # Read on the runner's thread, in turn with our batches: what
                 # one of ours notified is read by it (`_apply_and_record`), and
                 # whatever is left here came from somebody else.
-                pending = await self._runner.run(self._pending_structural)
-                if sock is not None and not pending:
+                compared, diffs = await self._runner.run(self._check_pending)
+                if not compared:
                     # Only elements changed (the grant lease's renewals, ten
                     # times a second per manager), or only other tables, or
                     # nothing (the poll, while the kernel tells us of every
-                    # change): there is nothing to compare.
+                    # change): there was nothing to compare.
                     self.skipped += woke
-                    continue
-                await self.check()
+                elif diffs:
+                    self._drifted(", ".join(diffs))
         finally:
             if sock is not None:
                 self._sock = None
@@ -409,7 +416,7 @@ def structural(data: bytes, owned: Collection[TableId] | None = None) -> bool:
         if kind >> 8 != NFNL_SUBSYS_NFTABLES:
             return True
         if (kind & 0xFF) not in ELEMENT_ONLY:
-            if mine is None or length < 20:
+            if mine is None or length < 20 or off + 20 > len(data):
                 return True
             table = _table_of(data, off, min(length, len(data) - off))
             if table is None or table in mine:

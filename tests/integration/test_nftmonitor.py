@@ -17,6 +17,7 @@ import pytest
 
 from staticegress.dataplane import nftmonitor
 from staticegress.dataplane.netns import NetnsRunner
+from staticegress.dataplane.nft import NftError
 from staticegress.dataplane.nftmonitor import WatchedNftApplier
 from staticegress.model.desired import compute_desired
 from staticegress.render.nft import render_ruleset
@@ -262,6 +263,9 @@ def test_only_changes_to_our_tables_count_when_we_know_them() -> None:
     assert nftmonitor.structural(msg(6, 1, "kube-proxy"))  # tables unknown: any counts
     nameless = struct.pack("=IHHII", 20, (10 << 8) | 6, 0, 0, 0) + struct.pack("=BBH", 2, 0, 0)
     assert nftmonitor.structural(nameless, ours)
+    # A buffer cut short after a header: counted, never an exception.
+    cut = struct.pack("=IHHII", 40, (10 << 8) | 6, 0, 0, 0) + b"\2"
+    assert nftmonitor.structural(cut, ours)
 
 
 def struct_pack_other() -> bytes:
@@ -344,3 +348,49 @@ async def test_a_batch_of_elements_costs_no_listing(netns: str) -> None:
             _nft, netns, "add", "rule", "ip", "staticegress", "prerouting", "counter"
         )
         await _until("the repair", lambda: agent.restored)
+
+
+async def test_an_edit_during_our_batch_of_elements_is_still_seen(netns: str) -> None:
+    """An edit that lands while our batch runs (here: right after its commit,
+    before the applier reads the notifications) on a table our batch changed
+    only by elements: that table is not listed anew, so the notification
+    naming it must not be taken for ours."""
+    async with _started(_Agent(netns)) as agent:
+        run = agent.nft._run
+        edited: list[bool] = []
+
+        def run_then_edit(batch: dict[str, Any]) -> Any:
+            out = run(batch)
+            if not edited:
+                edited.append(True)
+                _nft(netns, "add", "rule", "ip", "staticegress", "prerouting", "counter")
+            return out
+
+        agent.nft._run = run_then_edit  # type: ignore[method-assign]
+        before = _nft(netns, "list", "chain", "ip", "staticegress", "prerouting")
+        await agent.nft.apply(_element(3))
+        assert agent.drifts, "the edit was taken for ours"
+        agent.nft._run = run  # type: ignore[method-assign]
+        await _until("the repair", lambda: agent.restored)
+        assert _nft(netns, "list", "chain", "ip", "staticegress", "prerouting") == before
+
+
+async def test_a_refused_batch_still_reports_what_was_found_before_it(netns: str) -> None:
+    """An edit found before our batch, and the kernel refusing the batch: the
+    refusal is raised, and the edit is reported all the same (its notification
+    is read, so nobody else would report it)."""
+    agent = _Agent(netns)
+    try:
+        await agent.nft.apply(agent.batch)
+        agent.nft._sock = await agent.nft._runner.run(nftmonitor.open_notification_socket)
+        _nft(netns, "add", "rule", "ip", "staticegress", "prerouting", "counter")
+        missing = {"family": "ip", "table": "staticegress", "name": "no_such_set"}
+        refused = {"nftables": [{"add": {"element": {**missing, "elem": ["192.0.2.1"]}}}]}
+        with pytest.raises(NftError):
+            await agent.nft.apply(refused)
+        assert agent.drifts, "the edit found before the refused batch was dropped"
+    finally:
+        if agent.nft._sock is not None:
+            agent.nft._sock.close()
+        await asyncio.gather(*agent._repairs, return_exceptions=True)
+        agent.nft._runner.close()
